@@ -1,0 +1,15 @@
+"""The blocks of FIAS, one paper block per module."""
+
+from .caf import FUSIONS, ContextAwareFusion, SumFusion, TransformerOnlyFusion, make_fusion
+from .dilateformer import (
+    ATTENTION_IMPLS,
+    DilateFormer,
+    DilateFormerBlock,
+    GlobalAttention,
+    MultiScaleDilatedAttention,
+    checkpoint_filter_fn,
+    msda_reference,
+    msda_shifted,
+)
+from .dmk import DMKBlock, DMKEncoder
+from .mixatt import DECODERS, ConvDecoderBlock, MixAttBlock, MonteCarloAttention, make_decoder_block

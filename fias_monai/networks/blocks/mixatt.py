@@ -1,0 +1,130 @@
+# Copyright (c) fias-monai contributors. Licensed under the Apache License, Version 2.0.
+"""MixAtt decoder block (paper Eq. 7-10): conv, multi-head self-attention and Monte Carlo attention."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.blocks import SABlock
+from monai.networks.blocks.convolutions import Convolution
+
+__all__ = ["MonteCarloAttention", "ConvDecoderBlock", "MixAttBlock", "make_decoder_block", "DECODERS"]
+
+DECODERS = ("mixatt", "conv")
+
+
+def _make_divisible(value: float, divisor: int = 8) -> int:
+    return max(divisor, int(value + divisor / 2) // divisor * divisor)
+
+
+class MonteCarloAttention(nn.Module):
+    """Monte Carlo attention (SvANet): channel weights from a randomly chosen pooled cell.
+
+    In training, each forward picks one pool size k from ``pool_sizes`` and one cell of the k x k
+    adaptive-average-pooled map (shared by the batch): Eq. 9's one-hot association m_i. At eval the
+    pool is always global (k = 1), so inference is deterministic. The pooled (B, C, 1, 1) vector goes
+    through 1x1 conv C -> hidden, ReLU, 1x1 conv hidden -> C and a sigmoid.
+
+    Args:
+        spatial_dims: 2 for FIAS.
+        channels: C.
+        pool_sizes: candidate adaptive pool sizes (1, 2, 3).
+        hidden: bottleneck width; default max(C / 4 rounded to a multiple of 8, 32).
+
+    Shapes:
+        (B, C, H, W) -> (B, C, 1, 1) weights in (0, 1)
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, pool_sizes: Sequence[int] = (1, 2, 3),
+                 hidden: int | None = None) -> None:
+        super().__init__()
+        self.pool_sizes = tuple(pool_sizes)
+        hidden = hidden or max(_make_divisible(channels / 4), 32)
+        self.fc = nn.Sequential(
+            Convolution(spatial_dims, channels, hidden, kernel_size=1, conv_only=True),
+            nn.ReLU(inplace=True),
+            Convolution(spatial_dims, hidden, channels, kernel_size=1, conv_only=True),
+        )
+
+    def sample(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled descriptor: a random cell of a random pool size in training, the mean at eval."""
+        if not self.training:
+            return x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
+        k = self.pool_sizes[int(torch.randint(len(self.pool_sizes), ()))]
+        pooled = F.adaptive_avg_pool2d(x, k)
+        i, j = (int(v) for v in torch.randint(k, (2,)))
+        return pooled[:, :, i:i + 1, j:j + 1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.fc(self.sample(x)))
+
+
+class ConvDecoderBlock(nn.Module):
+    """Eq. 7 alone: Dropout(ReLU(Conv(ReLU(BN(Conv(x)))))), also the "no MixAtt" ablation block.
+
+    Args:
+        spatial_dims: 2 for FIAS.
+        in_channels: channels of the concatenated input.
+        out_channels: output channels (half the concatenation in FIAS).
+        dropout: dropout rate at the end.
+
+    Shapes:
+        (B, in_channels, H, W) -> (B, out_channels, H, W)
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.conv1 = Convolution(spatial_dims, in_channels, out_channels, kernel_size=3, norm="BATCH", act="RELU",
+                                 bias=False)
+        self.conv2 = Convolution(spatial_dims, out_channels, out_channels, kernel_size=3, norm=None, act="RELU",
+                                 dropout=dropout, adn_ordering="AD")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.conv1(x))
+
+
+class MixAttBlock(ConvDecoderBlock):
+    """MixAtt block: P1 = Eq. 7; A = MHSA(LN(P1)), computed once; P2 = A + P1 (Eq. 8);
+    P = Conv(P2 * MCA(P2) + A) (Eq. 9-10, a 1x1 conv).
+
+    Args:
+        spatial_dims: 2 for FIAS.
+        in_channels: channels of the concatenated input.
+        out_channels: channels of P; divisible by ``num_heads``.
+        num_heads: self-attention heads (8, 6, 4, 2 from the coarsest block to the finest).
+        dropout: dropout rate of Eq. 7.
+
+    Shapes:
+        (B, in_channels, H, W) -> (B, out_channels, H, W)
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, num_heads: int,
+                 dropout: float = 0.1) -> None:
+        super().__init__(spatial_dims, in_channels, out_channels, dropout)
+        if out_channels % num_heads:
+            raise ValueError(f"MixAtt width {out_channels} is not divisible by its {num_heads} heads.")
+        self.norm = nn.LayerNorm(out_channels)
+        self.mhsa = SABlock(out_channels, num_heads, qkv_bias=True, use_flash_attention=True)
+        self.mca = MonteCarloAttention(spatial_dims, out_channels)
+        self.proj = Convolution(spatial_dims, out_channels, out_channels, kernel_size=1, conv_only=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p1 = super().forward(x)
+        b, c = p1.shape[:2]
+        tokens = p1.flatten(2).transpose(1, 2)  # B, N, C
+        attn = self.mhsa(self.norm(tokens)).transpose(1, 2).reshape(p1.shape)
+        p2 = attn + p1
+        return self.proj(p2 * self.mca(p2) + attn)
+
+
+def make_decoder_block(kind: str, spatial_dims: int, in_channels: int, out_channels: int, num_heads: int,
+                       dropout: float = 0.1) -> nn.Module:
+    """Build a ``"mixatt"`` block or the ``"conv"`` ablation block."""
+    if kind == "mixatt":
+        return MixAttBlock(spatial_dims, in_channels, out_channels, num_heads, dropout)
+    if kind == "conv":
+        return ConvDecoderBlock(spatial_dims, in_channels, out_channels, dropout)
+    raise ValueError(f"decoder must be one of {DECODERS}, got {kind!r}.")
