@@ -53,10 +53,13 @@ class MonteCarloAttention(nn.Module):
         """The pooled descriptor: a random cell of a random pool size in training, the mean at eval."""
         if not self.training:
             return x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
-        k = self.pool_sizes[int(torch.randint(len(self.pool_sizes), ()))]
-        pooled = F.adaptive_avg_pool2d(x, k)
-        i, j = (int(v) for v in torch.randint(k, (2,)))
-        return pooled[:, :, i:i + 1, j:j + 1]
+        # All candidate cells side by side: (B, C, sum k*k). The draw happens on the tensor's device
+        # (uniform pool size, then uniform cell), so there is no host sync and no graph break.
+        cells = torch.cat([F.adaptive_avg_pool2d(x, k).flatten(2) for k in self.pool_sizes], dim=2)
+        probs = torch.cat([x.new_full((k * k,), 1.0 / (len(self.pool_sizes) * k * k), dtype=torch.float32)
+                           for k in self.pool_sizes])
+        index = torch.multinomial(probs, 1)
+        return cells.index_select(2, index).unsqueeze(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.fc(self.sample(x)))
