@@ -1,0 +1,183 @@
+"""GPU speed of FIAS against MONAI peers, measured in ONE process (issue: network speed).
+
+Times, at 256x256 with 9 classes and bf16 autocast:
+  * training throughput (images/s) at batch 16: forward, loss, backward, optimizer step;
+  * inference latency at batch 1 (median of CUDA-event timings);
+  * peak GPU memory of the training step; parameters; forward FLOPs at batch 1.
+Models: FIAS-tiny (MSDA "shift" and the "unfold" reference, eager and torch.compile), MONAI
+SwinUNETR(spatial_dims=2, feature_size=48, use_v2=True) and MONAI BasicUNet. Also a micro-benchmark of
+the MSDA formulations on the stage-1 shape, with their error against the unfold reference.
+
+    python scripts/benchmark_network.py --out results.json
+
+Ratios in the printed table are against SwinUNETR-2D measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+
+import fire
+import torch
+from monai.losses import DiceCELoss
+from monai.networks.nets import BasicUNet, SwinUNETR
+from torch.utils.flop_counter import FlopCounterMode
+
+from fias_monai.losses import FeatureMixingLoss
+from fias_monai.networks import FIAS
+from fias_monai.networks.blocks import msda_reference, msda_shifted
+
+
+def build(name: str, classes: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    if name.startswith("fias"):
+        impl = "unfold" if "unfold" in name else "shift"
+        return FIAS(1, classes, "tiny", attention_impl=impl), FeatureMixingLoss()
+    loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.4, lambda_ce=0.6)
+    if name.startswith("swinunetr"):
+        return SwinUNETR(spatial_dims=2, in_channels=1, out_channels=classes, feature_size=48, use_v2=True), loss
+    if name.startswith("basicunet"):
+        return BasicUNet(spatial_dims=2, in_channels=1, out_channels=classes), loss
+    raise ValueError(name)
+
+
+def cuda_time(fn, iters: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return times
+
+
+def bench_model(name: str, classes: int, batch: int, size: int, iters: int, warmup: int, compile: bool) -> dict:
+    torch.manual_seed(0)
+    net, loss_fn = build(name, classes)
+    params = sum(p.numel() for p in net.parameters())
+    net = net.cuda().to(memory_format=torch.channels_last)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net.eval()(torch.randn(1, 1, size, size, device="cuda"))
+    flops = counter.get_total_flops()
+    step_net = torch.compile(net) if compile else net
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    # several input sets so repeated steps do not replay one cached batch
+    xs = [torch.rand(batch, 1, size, size, device="cuda").to(memory_format=torch.channels_last) for _ in range(4)]
+    ys = [torch.randint(0, classes, (batch, 1, size, size), device="cuda") for _ in range(4)]
+    state = {"i": 0}
+
+    def train_step():
+        i = state["i"] = (state["i"] + 1) % 4
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = step_net(xs[i])
+            loss = loss_fn([o.float() for o in out] if isinstance(out, list) else out.float(), ys[i])
+        loss.backward()
+        opt.step()
+
+    net.train()
+    t0 = time.time()
+    train_step()
+    torch.cuda.synchronize()
+    first_step_s = time.time() - t0
+    torch.cuda.reset_peak_memory_stats()
+    step_times = cuda_time(train_step, iters, warmup)
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30
+
+    net.eval()
+    x1 = torch.rand(1, 1, size, size, device="cuda").to(memory_format=torch.channels_last)
+
+    def infer():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            step_net(x1)
+
+    infer_times = cuda_time(infer, max(iters, 50), warmup)
+    return {
+        "model": name, "compiled": compile, "params": params, "gflops_fwd_b1": flops / 1e9,
+        "train_images_per_s": batch / statistics.median(step_times),
+        "train_step_ms_median": 1000 * statistics.median(step_times),
+        "infer_latency_ms_b1": 1000 * statistics.median(infer_times),
+        "peak_train_mem_gib": peak_gib, "first_step_s": first_step_s,
+    }
+
+
+def bench_msda(batch: int = 16, channels: int = 24, size: int = 64, head_dim: int = 24) -> list[dict]:
+    """Forward+backward of one dilation group at the stage-1 shape (B, C/3, H/4, W/4), bf16."""
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(batch, channels, size, size, device="cuda", generator=gen) for _ in range(3))
+    ref = msda_reference(q.double(), k.double(), v.double(), head_dim, 2)
+    impls = {"unfold": msda_reference, "shift": msda_shifted,
+             "shift+compile": torch.compile(msda_shifted, dynamic=False)}
+    for name, fn in impls.items():
+        qq, kk, vv = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
+        out = fn(qq, kk, vv, head_dim, 2)
+        rel = ((out.double() - ref).norm() / ref.norm()).item()
+
+        def step():
+            o = fn(qq, kk, vv, head_dim, 2)
+            o.float().sum().backward()
+
+        times = cuda_time(step, 50, 10)
+        rows.append({"impl": name, "fwd_bwd_ms": 1000 * statistics.median(times), "rel_err_vs_fp64_ref": rel})
+    return rows
+
+
+def main(out: str = "benchmark_results.json", batch: int = 16, size: int = 256, classes: int = 9,
+         iters: int = 30, warmup: int = 10,
+         models: str = "fias_tiny,fias_tiny_unfold,swinunetr,basicunet", compiled: str = "fias_tiny,swinunetr") -> None:
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "python": platform.python_version(), "batch": batch, "size": size, "classes": classes, "amp": "bf16"}
+    results = {"env": env, "models": [], "msda": []}
+
+    def save():
+        with open(out, "w") as f:
+            json.dump(results, f, indent=2)
+
+    results["msda"] = bench_msda()
+    save()
+    runs = [(m, False) for m in models.split(",") if m] + [(m, True) for m in compiled.split(",") if m]
+    for name, comp in runs:
+        try:
+            results["models"].append(bench_model(name, classes, batch, size, iters, warmup, comp))
+        except Exception as e:  # keep the other rows; report the failure
+            results["models"].append({"model": name, "compiled": comp, "error": repr(e)[:500]})
+        torch.cuda.empty_cache()
+        save()
+        print(json.dumps(results["models"][-1]), flush=True)
+
+    def ref(comp):
+        return next((r for r in results["models"] if r["model"] == "swinunetr" and r["compiled"] == comp
+                     and "error" not in r), None)
+
+    print(f"\n{env['gpu']}, torch {env['torch']}, {size}x{size}, {classes} classes, bf16 autocast, train batch {batch}")
+    print("| model | compiled | params (M) | GFLOPs fwd (b=1) | train img/s | x SwinUNETR | infer ms (b=1) | "
+          "x SwinUNETR | peak train GiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results["models"]:
+        if "error" in r:
+            print(f"| {r['model']} | {r['compiled']} | error: {r['error'][:80]} |")
+            continue
+        s = ref(r["compiled"]) or ref(False)
+        print(f"| {r['model']} | {r['compiled']} | {r['params'] / 1e6:.1f} | {r['gflops_fwd_b1']:.1f} | "
+              f"{r['train_images_per_s']:.0f} | {r['train_images_per_s'] / s['train_images_per_s']:.2f} | "
+              f"{r['infer_latency_ms_b1']:.2f} | {r['infer_latency_ms_b1'] / s['infer_latency_ms_b1']:.2f} | "
+              f"{r['peak_train_mem_gib']:.1f} |")
+    print("\n| MSDA impl (B=16, 24 ch, 64x64, dilation 2, bf16) | fwd+bwd ms | rel. error vs fp64 unfold |")
+    print("|---|---:|---:|")
+    for r in results["msda"]:
+        print(f"| {r['impl']} | {r['fwd_bwd_ms']:.3f} | {r['rel_err_vs_fp64_ref']:.2e} |")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
