@@ -15,9 +15,12 @@ from .synapse import (
     prepare_btcv,
     prepare_synapse_transunet,
 )
+from .slices import SliceDataset, SliceDatasetError
 from .synthetic import DEMO_LABELS, ensure_demo_dataset, make_demo_dataset
 
 __all__ = [
+    "SliceDataset",
+    "SliceDatasetError",
     "prepare_acdc_h5",
     "prepare_acdc_official",
     "prepare_synapse_transunet",

@@ -1,0 +1,270 @@
+# Copyright (c) fias-monai contributors. Licensed under the Apache License, Version 2.0.
+"""Ignite handlers the bundle's training needs beyond MONAI's: crash-safe resume, best-model keeping
+across restarts, and a progress bar with the loss and an ETA."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+
+__all__ = ["atomic_torch_save", "LastCheckpointHandler", "BestModelSaver", "ProgressBarHandler", "TimeBudgetHandler",
+           "MetricHistoryHandler", "OverlayHandler"]
+
+logger = logging.getLogger(__name__)
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a reader (or a
+    crash) never sees a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+class BestModelSaver:
+    """Write the network's state dict to ``filename`` whenever the evaluator's key metric improves.
+
+    Unlike a fresh ``CheckpointSaver``, the best score survives a restart: :class:`LastCheckpointHandler`
+    stores and restores ``best_metric``, so a resumed run never replaces a better model with a worse one.
+
+    Args:
+        network: the model to save.
+        filename: target path (``models/model.pt``), written atomically.
+        metric_name: key in ``engine.state.metrics``; the evaluator's key metric by default.
+    """
+
+    def __init__(self, network: torch.nn.Module, filename: str | os.PathLike, metric_name: str | None = None) -> None:
+        self.network = network
+        self.filename = Path(filename)
+        self.metric_name = metric_name
+        self.best_metric = -float("inf")
+        self.best_epoch = -1
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        name = self.metric_name or engine.state.key_metric_name
+        value = float(engine.state.metrics[name])
+        if value > self.best_metric:
+            net = getattr(self.network, "module", self.network)  # unwrap DDP
+            atomic_torch_save(net.state_dict(), self.filename)
+            self.best_metric = value
+            self.best_epoch = getattr(engine.state, "trainer_epoch", None) or engine.state.epoch
+            logger.info("new best %s %.4f: saved %s", name, value, self.filename)
+
+    def state_dict(self) -> dict:
+        return {"best_metric": self.best_metric, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_metric = state["best_metric"]
+        self.best_epoch = state["best_epoch"]
+
+
+class LastCheckpointHandler:
+    """Save everything needed to resume after every epoch; resume from it when asked.
+
+    The checkpoint (atomic, ``<save_dir>/<filename>``) holds each ``save_dict`` entry's state dict
+    plus the trainer's epoch and iteration. With ``resume=True`` and the file present, training
+    continues at the next epoch with model, optimizer, scheduler and best metric restored, so a
+    killed run loses at most the epoch in progress.
+
+    Args:
+        save_dir: folder of the checkpoint.
+        save_dict: objects with ``state_dict``/``load_state_dict`` (network, optimizer, scheduler,
+            a :class:`BestModelSaver`...).
+        resume: load the checkpoint at start when it exists.
+        filename: checkpoint file name.
+    """
+
+    def __init__(self, save_dir: str | os.PathLike, save_dict: dict, resume: bool = False,
+                 filename: str = "last.pt") -> None:
+        self.path = Path(save_dir) / filename
+        self.save_dict = {k: v for k, v in save_dict.items() if v is not None}
+        self.resume = resume
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def save(self, engine: Engine) -> None:
+        state = {k: getattr(v, "module", v).state_dict() for k, v in self.save_dict.items()}
+        state["trainer"] = {"epoch": engine.state.epoch, "iteration": engine.state.iteration}
+        atomic_torch_save(state, self.path)
+
+    def load(self, engine: Engine) -> None:
+        if not self.resume:
+            return
+        if not self.path.is_file():
+            logger.warning("resume requested but %s does not exist: starting from scratch", self.path)
+            return
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        for key, obj in self.save_dict.items():
+            if key not in state:
+                raise KeyError(f"checkpoint {self.path} has no '{key}' entry to resume from")
+            getattr(obj, "module", obj).load_state_dict(state[key])
+        engine.state.epoch = state["trainer"]["epoch"]
+        engine.state.iteration = state["trainer"]["iteration"]
+        logger.info("resumed from %s at epoch %d", self.path, engine.state.epoch)
+
+
+class ProgressBarHandler:
+    """ignite's tqdm progress bar showing the running loss; tqdm adds the rate and the ETA."""
+
+    def __init__(self, persist: bool = False) -> None:
+        self.persist = persist
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.handlers import ProgressBar
+
+        ProgressBar(persist=self.persist).attach(engine, output_transform=lambda out: {"loss": _loss(out)})
+
+
+def _loss(output) -> float:
+    if isinstance(output, list):
+        output = output[0]
+    loss = output["loss"] if isinstance(output, dict) else output
+    return loss.item() if isinstance(loss, torch.Tensor) else float(loss)
+
+
+class TimeBudgetHandler:
+    """Train for a wall-clock budget: cosine learning-rate decay over the budget's elapsed fraction,
+    and a stop at the end of the last epoch that fits.
+
+    Used to give networks of different speeds the same training time (the ACDC comparison) and to
+    measure time to accuracy. Disabled when ``minutes`` is None.
+
+    Args:
+        minutes: the budget; None disables the handler.
+        optimizer: its param groups' ``lr`` is set every iteration (from each group's initial lr).
+        min_lr_ratio: the lr at the end of the budget, relative to the initial lr (1.0: constant).
+    """
+
+    def __init__(self, minutes: float | None, optimizer: torch.optim.Optimizer, min_lr_ratio: float = 0.01) -> None:
+        self.budget_s = None if minutes is None else 60.0 * float(minutes)
+        self.optimizer = optimizer
+        self.min_lr_ratio = min_lr_ratio
+        self.base_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+        self.start = None
+        self.epoch_start = None
+
+    def attach(self, engine: Engine) -> None:
+        if self.budget_s is None:
+            return
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._set_lr)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._maybe_stop)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def _started(self, engine: Engine) -> None:
+        self.start = time.monotonic()
+
+    def _epoch_started(self, engine: Engine) -> None:
+        self.epoch_start = time.monotonic()
+
+    def _set_lr(self, engine: Engine) -> None:
+        frac = min(1.0, self.elapsed() / self.budget_s)
+        scale = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * scale
+
+    def _maybe_stop(self, engine: Engine) -> None:
+        epoch_s = time.monotonic() - self.epoch_start
+        if self.elapsed() + epoch_s > self.budget_s:
+            logger.info("time budget of %.1f min reached after epoch %d (%.1f min elapsed)",
+                        self.budget_s / 60, engine.state.epoch, self.elapsed() / 60)
+            engine.terminate()
+
+
+class MetricHistoryHandler:
+    """Log the validation curve against wall-clock time: one CSV row per validated epoch
+    (epoch, seconds since training started, the validator's metrics), rewritten atomically.
+
+    Attach to the trainer after its ``ValidationHandler``.
+    """
+
+    def __init__(self, validator: Engine, filename: str | os.PathLike) -> None:
+        self.validator = validator
+        self.filename = Path(filename)
+        self.rows: list[dict] = []
+        self.start = None
+        self._last_val_epoch = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda e: setattr(self, "start", time.monotonic()))
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        state = self.validator.state
+        if not state.metrics or state.iteration == self._last_val_epoch:
+            return  # no validation ran this epoch
+        self._last_val_epoch = state.iteration
+        row = {"epoch": engine.state.epoch, "time_s": round(time.monotonic() - self.start, 2)}
+        row.update({k: float(v) for k, v in state.metrics.items() if isinstance(v, (int, float))})
+        self.rows.append(row)
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        text = ",".join(keys) + "\n" + "".join(",".join(str(r.get(k, "")) for k in keys) + "\n" for r in self.rows)
+        self.filename.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.filename.with_name(f".{self.filename.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.filename)
+
+
+class OverlayHandler:
+    """Save image | ground truth | prediction overlay PNGs for the first ``max_cases`` evaluated volumes
+    (drawn with scikit-image by :func:`fias_monai.visualize.save_overlays`).
+
+    Expects the evaluator's decollated output to hold ``image``, ``label`` and ``pred`` on the same grid
+    (evaluate.json inverts the resized image back with the prediction).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, max_cases: int = 4, num_slices: int = 3) -> None:
+        self.output_dir = Path(output_dir)
+        self.max_cases = max_cases
+        self.num_slices = num_slices
+        self.saved = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: setattr(self, "saved", 0))
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        from .metrics import case_name_from_meta
+        from .visualize import save_overlays
+
+        for i, item in enumerate(engine.state.output):
+            if self.saved >= self.max_cases:
+                return
+            image, label, pred = item["image"], item["label"], item["pred"]
+            name = case_name_from_meta(getattr(label, "meta", {}), f"case_{engine.state.iteration:04d}_{i}")
+            save_overlays(_volume(image), _volume(label), _volume(pred), self.output_dir, name,
+                          num_slices=self.num_slices)
+            self.saved += 1
+
+
+def _volume(x):
+    x = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+    if x.ndim == 4 and x.shape[0] > 1:  # one-hot or scores
+        x = x.argmax(0)
+    return (x[0] if x.ndim == 4 else x).numpy()
