@@ -1,0 +1,140 @@
+"""Train and evaluate one row of the ACDC table through the bundle, and write its results JSON.
+
+Runs exactly the commands a user runs (``python -m monai.bundle run training`` then ``evaluating``)
+with the given config overlays and overrides, records wall-clock minutes, the GPU, the git commit
+(``GIT_COMMIT`` env var when the tree has no .git), GPU utilisation samples, the validation curve
+(``val_history.csv``) and the per-class metrics, and saves the predictions of a few validation volumes
+(uint8 npz) for the qualitative figure.
+
+    python scripts/run_experiment.py --name fias_tiny --overlays bundle/configs/acdc.json \
+        --workdir /tmp/runs --out results/ --overrides '{"dataset_dir": "/tmp/acdc"}'
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import fire
+
+
+def _gpu_sampler(samples: list, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=5).stdout.strip().splitlines()[0]
+            util, mem = (float(v) for v in out.split(","))
+            samples.append({"t": time.time(), "util": util, "mem_mib": mem})
+        except Exception:
+            pass
+        stop.wait(1.0)
+
+
+def _bundle(run_id: str, configs: list[str], overrides: list[str], log: Path) -> float:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", str(configs)] + overrides
+    start = time.time()
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode:
+        raise SystemExit(f"{run_id} failed (exit {proc.returncode}); see {log}")
+    return time.time() - start
+
+
+def main(name: str, overlays: str, workdir: str = "/tmp/runs", out: str = "results", save_preds: int = 3,
+         overrides: dict | None = None) -> None:
+    overlays_list = [o for o in overlays.split(",") if o]
+    run_dir = Path(workdir) / name
+    bundle_root = run_dir / "bundle"
+    (bundle_root / "models").mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = out_dir / f"{name}_log.txt"
+    overrides = {"bundle_root": str(bundle_root), **(overrides or {})}
+    common = [a for k, v in overrides.items() for a in (f"--{k}", str(v))]
+    samples: list = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=_gpu_sampler, args=(samples, stop), daemon=True)
+    sampler.start()
+    train_start = time.time()
+    train_s = _bundle("training", ["bundle/configs/train.json", *overlays_list], common, log)
+    train_end = time.time()
+    eval_s = _bundle("evaluating", ["bundle/configs/train.json", *overlays_list, "bundle/configs/evaluate.json"],
+                     common, log)
+    stop.set()
+    sampler.join()
+
+    import torch
+
+    summary = list(csv.DictReader(open(bundle_root / "eval" / "metrics_summary.csv")))
+    per_case = list(csv.DictReader(open(bundle_root / "eval" / "metrics_per_case.csv")))
+    history = list(csv.DictReader(open(bundle_root / "logs" / "val_history.csv")))
+    train_util = [s["util"] for s in samples if train_start + 60 < s["t"] < train_end]
+    result = {
+        "name": name,
+        "overlays": overlays_list,
+        "overrides": overrides,
+        "command": f"python -m monai.bundle run training --config_file \"{['bundle/configs/train.json', *overlays_list]}\" "
+                   + " ".join(common),
+        "git_commit": os.environ.get("GIT_COMMIT") or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                                                     text=True).stdout.strip(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "train_wall_minutes_incl_caching": round(train_s / 60, 2),
+        "eval_wall_minutes": round(eval_s / 60, 2),
+        "gpu_util_mean_during_training": round(sum(train_util) / max(1, len(train_util)), 1),
+        "gpu_util_samples": len(train_util),
+        "summary": summary,
+        "val_history": history,
+        "per_case": per_case,
+    }
+    (out_dir / f"{name}_results.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: result[k] for k in ("name", "gpu", "train_wall_minutes_incl_caching",
+                                             "gpu_util_mean_during_training")}))
+    for row in summary:
+        print(row)
+    if save_preds:
+        _save_predictions(name, overlays_list, overrides, out_dir, save_preds, log)
+
+
+def _save_predictions(name, overlays_list, overrides, out_dir, n, log) -> None:
+    """Predictions of the first n validation volumes on the label grid, for the qualitative figure."""
+    code = f"""
+import numpy as np, torch, json
+from monai.bundle import ConfigParser
+p = ConfigParser()
+p.read_config({['bundle/configs/train.json', *overlays_list, 'bundle/configs/evaluate.json']!r})
+p.update({ {k: (json.loads(v) if isinstance(v, str) and v[:1] in '[{' else v) for k, v in overrides.items()}!r})
+net = p.get_parsed_content('network')
+dev = p.get_parsed_content('device')
+net.load_state_dict(torch.load(p.get_parsed_content('ckpt_dir') + '/model.pt', map_location=dev))
+net.eval()
+post = p.get_parsed_content('validate#postprocessing')
+pre = p.get_parsed_content('validate#preprocessing')
+inferer = p.get_parsed_content('validate#inferer')
+data = p.get_parsed_content('validate#dataset#data')
+out = {{}}
+for item in data[:{n}]:
+    d = pre(dict(item))
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == 'cuda'):
+        d['pred'] = inferer(d['image'][None].to(dev), net)[0].float().cpu()
+    d = post(d)
+    case = str(item['label']).split('/')[-1].split('.')[0]
+    out[case + '__pred'] = d['pred'][0].numpy().astype('uint8')
+    out[case + '__label'] = d['label'][0].numpy().astype('uint8')
+    out[case + '__image'] = (d['image'][0].numpy().clip(0, 1) * 255).astype('uint8')
+np.savez_compressed({str(out_dir / f'{name}_val_preds.npz')!r}, **out)
+"""
+    with open(log, "a") as f:
+        subprocess.run([sys.executable, "-c", code], stdout=f, stderr=subprocess.STDOUT)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
