@@ -4,9 +4,15 @@ Times, at 256x256 with 9 classes and bf16 autocast:
   * training throughput (images/s) at batch 16: forward, loss, backward, optimizer step;
   * inference latency at batch 1 (median of CUDA-event timings);
   * peak GPU memory of the training step; parameters; forward FLOPs at batch 1.
-Models: FIAS-tiny (MSDA "shift" and the "unfold" reference, eager and torch.compile), MONAI
-SwinUNETR(spatial_dims=2, feature_size=48, use_v2=True) and MONAI BasicUNet. Also a micro-benchmark of
-the MSDA formulations on the stage-1 shape, with their error against the unfold reference.
+Models: FIAS-tiny (each MSDA formulation: "unfold" reference, "gather", "shift"), MONAI
+SwinUNETR(spatial_dims=2, feature_size=48, use_v2=True) and MONAI BasicUNet, every one with the same
+fused Adam optimizer, in two execution modes applied alike to all models:
+  * eager: plain PyTorch;
+  * graph: the whole training step (forward, loss, backward, optimizer step) and the inference forward
+    captured once in a CUDA graph and replayed (removes the per-kernel CPU launch cost, which dominates
+    networks made of many small kernels).
+Also a micro-benchmark of the MSDA formulations on the stage-1 shape, with their error against an
+fp64 run of the unfold reference.
 
     python scripts/benchmark_network.py --out results.json
 
@@ -28,12 +34,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fias_monai.losses import FeatureMixingLoss
 from fias_monai.networks import FIAS
-from fias_monai.networks.blocks import msda_reference, msda_shifted
+from fias_monai.networks.blocks import msda_gathered, msda_reference, msda_shifted
 
 
 def build(name: str, classes: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     if name.startswith("fias"):
-        impl = "unfold" if "unfold" in name else "shift"
+        impl = name.split("_")[-1] if name.split("_")[-1] in ("unfold", "gather", "shift") else "shift"
         return FIAS(1, classes, "tiny", attention_impl=impl), FeatureMixingLoss()
     loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.4, lambda_ce=0.6)
     if name.startswith("swinunetr"):
@@ -58,53 +64,86 @@ def cuda_time(fn, iters: int, warmup: int) -> list[float]:
     return times
 
 
-def bench_model(name: str, classes: int, batch: int, size: int, iters: int, warmup: int, compile: bool) -> dict:
+def bench_model(name: str, classes: int, batch: int, size: int, iters: int, warmup: int, mode: str) -> dict:
     torch.manual_seed(0)
     net, loss_fn = build(name, classes)
     params = sum(p.numel() for p in net.parameters())
-    net = net.cuda().to(memory_format=torch.channels_last)
+    net = net.cuda()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         net.eval()(torch.randn(1, 1, size, size, device="cuda"))
     flops = counter.get_total_flops()
-    step_net = torch.compile(net) if compile else net
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    graph = mode == "graph"
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, weight_decay=1e-4, fused=True, capturable=graph)
     # several input sets so repeated steps do not replay one cached batch
-    xs = [torch.rand(batch, 1, size, size, device="cuda").to(memory_format=torch.channels_last) for _ in range(4)]
+    xs = [torch.rand(batch, 1, size, size, device="cuda") for _ in range(4)]
     ys = [torch.randint(0, classes, (batch, 1, size, size), device="cuda") for _ in range(4)]
-    state = {"i": 0}
+    static_x, static_y = xs[0].clone(), ys[0].clone()
 
-    def train_step():
-        i = state["i"] = (state["i"] + 1) % 4
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = step_net(xs[i])
-            loss = loss_fn([o.float() for o in out] if isinstance(out, list) else out.float(), ys[i])
+    def fwd_bwd_step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph):
+            out = net(static_x)
+            loss = loss_fn([o.float() for o in out] if isinstance(out, list) else out.float(), static_y)
         loss.backward()
         opt.step()
 
     net.train()
     t0 = time.time()
-    train_step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (and cuDNN autotuning) off the capture stream
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            fwd_bwd_step()
+    torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     first_step_s = time.time() - t0
+    if graph:
+        train_graph = torch.cuda.CUDAGraph()
+        opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(train_graph):
+            fwd_bwd_step()
+    state = {"i": 0}
+
+    def train_step():
+        i = state["i"] = (state["i"] + 1) % 4
+        static_x.copy_(xs[i])
+        static_y.copy_(ys[i])
+        if graph:
+            train_graph.replay()
+        else:
+            opt.zero_grad(set_to_none=True)
+            fwd_bwd_step()
+
     torch.cuda.reset_peak_memory_stats()
     step_times = cuda_time(train_step, iters, warmup)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
 
     net.eval()
-    x1 = torch.rand(1, 1, size, size, device="cuda").to(memory_format=torch.channels_last)
+    x1 = torch.rand(1, 1, size, size, device="cuda")
 
-    def infer():
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            step_net(x1)
+    def forward():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph):
+            return net(x1)
 
+    if graph:
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                forward()
+        torch.cuda.current_stream().wait_stream(side)
+        infer_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(infer_graph):
+            forward()
+        infer = infer_graph.replay
+    else:
+        infer = forward
     infer_times = cuda_time(infer, max(iters, 50), warmup)
     return {
-        "model": name, "compiled": compile, "params": params, "gflops_fwd_b1": flops / 1e9,
+        "model": name, "mode": mode, "params": params, "gflops_fwd_b1": flops / 1e9,
         "train_images_per_s": batch / statistics.median(step_times),
         "train_step_ms_median": 1000 * statistics.median(step_times),
         "infer_latency_ms_b1": 1000 * statistics.median(infer_times),
-        "peak_train_mem_gib": peak_gib, "first_step_s": first_step_s,
+        "peak_train_mem_gib": peak_gib, "warmup_s": first_step_s,
     }
 
 
@@ -114,7 +153,7 @@ def bench_msda(batch: int = 16, channels: int = 24, size: int = 64, head_dim: in
     gen = torch.Generator(device="cuda").manual_seed(1)
     q, k, v = (torch.randn(batch, channels, size, size, device="cuda", generator=gen) for _ in range(3))
     ref = msda_reference(q.double(), k.double(), v.double(), head_dim, 2)
-    impls = {"unfold": msda_reference, "shift": msda_shifted,
+    impls = {"unfold": msda_reference, "gather": msda_gathered, "shift": msda_shifted,
              "shift+compile": torch.compile(msda_shifted, dynamic=False)}
     for name, fn in impls.items():
         qq, kk, vv = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
@@ -132,51 +171,63 @@ def bench_msda(batch: int = 16, channels: int = 24, size: int = 64, head_dim: in
 
 def main(out: str = "benchmark_results.json", batch: int = 16, size: int = 256, classes: int = 9,
          iters: int = 30, warmup: int = 10,
-         models: str = "fias_tiny,fias_tiny_unfold,swinunetr,basicunet", compiled: str = "fias_tiny,swinunetr") -> None:
+         eager: str = "fias_tiny_unfold,fias_tiny_gather,fias_tiny_shift,swinunetr,basicunet",
+         graph: str = "fias_tiny_gather,fias_tiny_unfold,swinunetr,basicunet", msda: bool = True) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "python": platform.python_version(), "batch": batch, "size": size, "classes": classes, "amp": "bf16"}
+           "python": platform.python_version(), "batch": batch, "size": size, "classes": classes, "amp": "bf16",
+           "optimizer": "Adam(fused=True)"}
     results = {"env": env, "models": [], "msda": []}
 
     def save():
         with open(out, "w") as f:
             json.dump(results, f, indent=2)
 
-    results["msda"] = bench_msda()
-    save()
-    runs = [(m, False) for m in models.split(",") if m] + [(m, True) for m in compiled.split(",") if m]
-    for name, comp in runs:
+    runs = [(m, "eager") for m in eager.split(",") if m] + [(m, "graph") for m in graph.split(",") if m]
+    for name, mode in runs:
         try:
-            results["models"].append(bench_model(name, classes, batch, size, iters, warmup, comp))
+            results["models"].append(bench_model(name, classes, batch, size, iters, warmup, mode))
         except Exception as e:  # keep the other rows; report the failure
-            results["models"].append({"model": name, "compiled": comp, "error": repr(e)[:500]})
+            results["models"].append({"model": name, "mode": mode, "error": repr(e)[:500]})
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()
         save()
         print(json.dumps(results["models"][-1]), flush=True)
+    if msda:
+        results["msda"] = bench_msda()
+        save()
+    print_tables(results)
 
-    def ref(comp):
-        return next((r for r in results["models"] if r["model"] == "swinunetr" and r["compiled"] == comp
+
+def print_tables(results: dict) -> None:
+    env = results["env"]
+
+    def ref(mode):
+        return next((r for r in results["models"] if r["model"] == "swinunetr" and r["mode"] == mode
                      and "error" not in r), None)
 
-    print(f"\n{env['gpu']}, torch {env['torch']}, {size}x{size}, {classes} classes, bf16 autocast, train batch {batch}")
-    print("| model | compiled | params (M) | GFLOPs fwd (b=1) | train img/s | x SwinUNETR | infer ms (b=1) | "
+    print(f"\n{env['gpu']}, torch {env['torch']}, {env['size']}x{env['size']}, {env['classes']} classes, "
+          f"bf16 autocast, train batch {env['batch']}, {env['optimizer']}")
+    print("| model | mode | params (M) | GFLOPs fwd (b=1) | train img/s | x SwinUNETR | infer ms (b=1) | "
           "x SwinUNETR | peak train GiB |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results["models"]:
         if "error" in r:
-            print(f"| {r['model']} | {r['compiled']} | error: {r['error'][:80]} |")
+            print(f"| {r['model']} | {r['mode']} | error: {r['error'][:120]} |")
             continue
-        s = ref(r["compiled"]) or ref(False)
-        print(f"| {r['model']} | {r['compiled']} | {r['params'] / 1e6:.1f} | {r['gflops_fwd_b1']:.1f} | "
-              f"{r['train_images_per_s']:.0f} | {r['train_images_per_s'] / s['train_images_per_s']:.2f} | "
-              f"{r['infer_latency_ms_b1']:.2f} | {r['infer_latency_ms_b1'] / s['infer_latency_ms_b1']:.2f} | "
+        s = ref(r["mode"])
+        tr = f"{r['train_images_per_s'] / s['train_images_per_s']:.2f}" if s else "-"
+        inf = f"{r['infer_latency_ms_b1'] / s['infer_latency_ms_b1']:.2f}" if s else "-"
+        print(f"| {r['model']} | {r['mode']} | {r['params'] / 1e6:.1f} | {r['gflops_fwd_b1']:.1f} | "
+              f"{r['train_images_per_s']:.0f} | {tr} | {r['infer_latency_ms_b1']:.2f} | {inf} | "
               f"{r['peak_train_mem_gib']:.1f} |")
-    print("\n| MSDA impl (B=16, 24 ch, 64x64, dilation 2, bf16) | fwd+bwd ms | rel. error vs fp64 unfold |")
-    print("|---|---:|---:|")
-    for r in results["msda"]:
-        print(f"| {r['impl']} | {r['fwd_bwd_ms']:.3f} | {r['rel_err_vs_fp64_ref']:.2e} |")
+    if results["msda"]:
+        print("\n| MSDA impl (B=16, 24 ch, 64x64, dilation 2, bf16) | fwd+bwd ms | rel. error vs fp64 unfold |")
+        print("|---|---:|---:|")
+        for r in results["msda"]:
+            print(f"| {r['impl']} | {r['fwd_bwd_ms']:.3f} | {r['rel_err_vs_fp64_ref']:.2e} |")
 
 
 if __name__ == "__main__":

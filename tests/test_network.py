@@ -8,6 +8,7 @@ from fias_monai.networks.blocks import (
     DilateFormer,
     DMKEncoder,
     MonteCarloAttention,
+    msda_gathered,
     msda_reference,
     msda_shifted,
 )
@@ -18,6 +19,7 @@ ABLATIONS = [
     dict(fusion="sum"),
     dict(decoder="conv"),
     dict(attention_impl="unfold"),
+    dict(attention_impl="gather"),
 ]
 
 # Parameters at in_channels=1, out_channels=9 (the README's table; scripts/count_parameters.py).
@@ -133,8 +135,8 @@ def test_trace_and_state_dict_round_trip_reproduce_eager():
 def test_shifted_msda_matches_unfold_reference(dilation):
     q, k, v = (torch.randn(2, 16, 11, 13, dtype=torch.float64) for _ in range(3))
     ref = msda_reference(q, k, v, head_dim=8, dilation=dilation)
-    out = msda_shifted(q, k, v, head_dim=8, dilation=dilation)
-    assert torch.allclose(out, ref, atol=1e-12)
+    for fn in (msda_shifted, msda_gathered):
+        assert torch.allclose(fn(q, k, v, head_dim=8, dilation=dilation), ref, atol=1e-12)
     # a hand check of one border pixel: zero-padded keys still take part in the softmax
     qh, kh, vh = q[0, :8, 0, 0], k[0, :8], v[0, :8]
     logits, values = [], []
@@ -148,8 +150,9 @@ def test_shifted_msda_matches_unfold_reference(dilation):
     assert torch.allclose((w[:, None] * torch.stack(values)).sum(0), ref[0, :8, 0, 0], atol=1e-12)
 
 
-def test_attention_impls_give_the_same_network_output():
-    a = tiny(attention_impl="shift").eval()
+@pytest.mark.parametrize("impl", ["shift", "gather"])
+def test_attention_impls_give_the_same_network_output(impl):
+    a = tiny(attention_impl=impl).eval()
     b = tiny(attention_impl="unfold").eval()
     b.load_state_dict(a.state_dict())
     x = torch.randn(1, 1, 64, 64)

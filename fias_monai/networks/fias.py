@@ -48,7 +48,7 @@ class FIAS(nn.Module):
         decoder_heads: self-attention heads of the four decoder blocks, coarsest first.
         decoder_dropout: dropout of Eq. 7.
         drop_path_rate: DilateFormer stochastic depth.
-        attention_impl: MSDA implementation (``"shift"`` or ``"unfold"``; the same function).
+        attention_impl: MSDA implementation (``"shift"``, ``"gather"`` or ``"unfold"``; the same function).
         pretrained_encoder: optional path of an official DilateFormer ImageNet checkpoint (a local
             file; nothing is downloaded).
 

@@ -8,6 +8,7 @@ from .dilateformer import (
     GlobalAttention,
     MultiScaleDilatedAttention,
     checkpoint_filter_fn,
+    msda_gathered,
     msda_reference,
     msda_shifted,
 )

@@ -26,6 +26,7 @@ from timm.models import adapt_input_conv
 __all__ = [
     "msda_reference",
     "msda_shifted",
+    "msda_gathered",
     "MultiScaleDilatedAttention",
     "GlobalAttention",
     "DilateFormerBlock",
@@ -35,7 +36,7 @@ __all__ = [
     "ATTENTION_IMPLS",
 ]
 
-ATTENTION_IMPLS = ("shift", "unfold")
+ATTENTION_IMPLS = ("shift", "unfold", "gather")
 
 
 def msda_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, dilation: int,
@@ -88,6 +89,24 @@ def msda_shifted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: in
     return out.reshape(b, g, h, w)
 
 
+def msda_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, dilation: int,
+                  kernel_size: int = 3) -> torch.Tensor:
+    """The same function as :func:`msda_reference`: unfolded neighbourhoods, but the per-query dot
+    products and the weighted sum are broadcast multiply-reduces instead of millions of 1 x d by
+    d x 9 batched matrix products (which GPUs run poorly)."""
+    b, g, h, w = q.shape
+    heads, kk = g // head_dim, kernel_size * kernel_size
+    pad = dilation * (kernel_size - 1) // 2
+    qh = (q * head_dim**-0.5).reshape(b, heads, head_dim, 1, h * w)
+    kh = F.unfold(k, kernel_size, dilation, pad, 1).reshape(b, heads, head_dim, kk, h * w)
+    attn = (qh * kh).sum(2, keepdim=True).softmax(dim=3)  # B,h,1,kk,N
+    vh = F.unfold(v, kernel_size, dilation, pad, 1).reshape(b, heads, head_dim, kk, h * w)
+    return (attn * vh).sum(3).reshape(b, g, h, w)
+
+
+_MSDA_FNS = {"shift": msda_shifted, "unfold": msda_reference, "gather": msda_gathered}
+
+
 class MultiScaleDilatedAttention(nn.Module):
     """Multi-Scale Dilated Attention (MSDA) on channels-last tokens.
 
@@ -97,7 +116,8 @@ class MultiScaleDilatedAttention(nn.Module):
         dilations: one dilation per channel group (DilateFormer: 1, 2, 3).
         kernel_size: window size per dilation.
         qkv_bias: bias of the 1x1 qkv projection.
-        impl: ``"shift"`` (fast, default) or ``"unfold"`` (the reference formulation).
+        impl: ``"shift"``, ``"gather"`` or ``"unfold"`` (the reference formulation): the same
+            function, different speed (see docs/benchmark.md).
 
     Shapes:
         (B, H, W, C) -> (B, H, W, C)
@@ -122,7 +142,7 @@ class MultiScaleDilatedAttention(nn.Module):
         n = len(self.dilations)
         qkv = self.qkv(x.permute(0, 3, 1, 2))  # B,3C,H,W; channels ordered (qkv, group, head, d)
         qkv = qkv.reshape(b, 3, n, c // n, h, w)
-        fn = msda_shifted if self.impl == "shift" else msda_reference
+        fn = _MSDA_FNS[self.impl]
         out = torch.cat([fn(qkv[:, 0, i], qkv[:, 1, i], qkv[:, 2, i], self.head_dim, d, self.kernel_size)
                          for i, d in enumerate(self.dilations)], dim=1)
         return self.proj(out.permute(0, 2, 3, 1))

@@ -53,12 +53,15 @@ class MonteCarloAttention(nn.Module):
         """The pooled descriptor: a random cell of a random pool size in training, the mean at eval."""
         if not self.training:
             return x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
-        # All candidate cells side by side: (B, C, sum k*k). The draw happens on the tensor's device
-        # (uniform pool size, then uniform cell), so there is no host sync and no graph break.
+        # All candidate cells side by side: (B, C, sum k*k). The draw (uniform pool size, then uniform
+        # cell) is an inverse-CDF lookup of one device-side uniform number: no host sync, no graph
+        # break under torch.compile, and capturable in a CUDA graph.
         cells = torch.cat([F.adaptive_avg_pool2d(x, k).flatten(2) for k in self.pool_sizes], dim=2)
         probs = torch.cat([x.new_full((k * k,), 1.0 / (len(self.pool_sizes) * k * k), dtype=torch.float32)
                            for k in self.pool_sizes])
-        index = torch.multinomial(probs, 1)
+        cdf = probs.cumsum(0)
+        u = torch.rand(1, device=x.device) * cdf[-1]
+        index = torch.searchsorted(cdf, u).clamp_(max=cells.shape[2] - 1)
         return cells.index_select(2, index).unsqueeze(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
