@@ -39,14 +39,34 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     return path
 
 
+def _is_main_process() -> bool:
+    """False only on the ranks > 0 of an initialized ``torch.distributed`` process group (DDP)."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _from_rank0(value: float) -> float:
+    """Under DDP, rank 0's ``value`` on every rank (a broadcast, so every rank must call it); else ``value``."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
 class BestModelSaver:
     """Write the network's state dict to ``filename`` whenever the evaluator's key metric improves.
 
     Unlike a fresh ``CheckpointSaver``, the best score survives a restart: :class:`LastCheckpointHandler`
     stores and restores ``best_metric``, so a resumed run never replaces a better model with a worse one.
 
+    Under DDP attach it on every rank: all ranks track the same (all-gathered) metric and best
+    score, and only rank 0 writes the file.
+
     Args:
-        network: the model to save.
+        network: the model to save (a DDP wrapper is unwrapped).
         filename: target path (``models/model.pt``), written atomically.
         metric_name: key in ``engine.state.metrics``; the evaluator's key metric by default.
     """
@@ -65,11 +85,14 @@ class BestModelSaver:
         name = self.metric_name or engine.state.key_metric_name
         value = float(engine.state.metrics[name])
         if value > self.best_metric:
-            net = getattr(self.network, "module", self.network)  # unwrap DDP
-            atomic_torch_save(net.state_dict(), self.filename)
+            main = _is_main_process()  # DDP: every rank tracks the best, rank 0 writes
+            if main:
+                net = getattr(self.network, "module", self.network)  # unwrap DDP
+                atomic_torch_save(net.state_dict(), self.filename)
             self.best_metric = value
             self.best_epoch = getattr(engine.state, "trainer_epoch", None) or engine.state.epoch
-            logger.info("new best %s %.4f: saved %s", name, value, self.filename)
+            if main:
+                logger.info("new best %s %.4f: saved %s", name, value, self.filename)
 
     def state_dict(self) -> dict:
         return {"best_metric": self.best_metric, "best_epoch": self.best_epoch}
@@ -85,7 +108,8 @@ class LastCheckpointHandler:
     The checkpoint (atomic, ``<save_dir>/<filename>``) holds each ``save_dict`` entry's state dict
     plus the trainer's epoch and iteration. With ``resume=True`` and the file present, training
     continues at the next epoch with model, optimizer, scheduler and best metric restored, so a
-    killed run loses at most the epoch in progress.
+    killed run loses at most the epoch in progress. Under DDP attach it on every rank: every rank
+    resumes from the file, only rank 0 writes it.
 
     Args:
         save_dir: folder of the checkpoint.
@@ -106,6 +130,8 @@ class LastCheckpointHandler:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 
     def save(self, engine: Engine) -> None:
+        if not _is_main_process():
+            return
         state = {k: getattr(v, "module", v).state_dict() for k, v in self.save_dict.items()}
         state["trainer"] = {"epoch": engine.state.epoch, "iteration": engine.state.iteration}
         atomic_torch_save(state, self.path)
@@ -156,6 +182,8 @@ class TimeBudgetHandler:
         minutes: the budget; None disables the handler.
         optimizer: its param groups' ``lr`` is set every iteration (from each group's initial lr).
         min_lr_ratio: the lr at the end of the budget, relative to the initial lr (1.0: constant).
+
+    Under DDP (attach it on every rank) rank 0's clock decides the lr and the stop for all ranks.
     """
 
     def __init__(self, minutes: float | None, optimizer: torch.optim.Optimizer, min_lr_ratio: float = 0.01) -> None:
@@ -184,14 +212,14 @@ class TimeBudgetHandler:
         self.epoch_start = time.monotonic()
 
     def _set_lr(self, engine: Engine) -> None:
-        frac = min(1.0, self.elapsed() / self.budget_s)
+        frac = _from_rank0(min(1.0, self.elapsed() / self.budget_s))  # DDP: one lr on every rank
         scale = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * scale
 
     def _maybe_stop(self, engine: Engine) -> None:
         epoch_s = time.monotonic() - self.epoch_start
-        if self.elapsed() + epoch_s > self.budget_s:
+        if _from_rank0(self.elapsed() + epoch_s > self.budget_s):  # DDP: every rank stops together
             logger.info("time budget of %.1f min reached after epoch %d (%.1f min elapsed)",
                         self.budget_s / 60, engine.state.epoch, self.elapsed() / 60)
             engine.terminate()
@@ -209,17 +237,19 @@ class MetricHistoryHandler:
         self.filename = Path(filename)
         self.rows: list[dict] = []
         self.start = None
-        self._last_val_epoch = None
+        self._validated = False
+        # each validation run is a fresh 1-epoch evaluator run: count its completions, not its state
+        validator.add_event_handler(Events.EPOCH_COMPLETED, lambda e: setattr(self, "_validated", True))
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, lambda e: setattr(self, "start", time.monotonic()))
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        state = self.validator.state
-        if not state.metrics or state.iteration == self._last_val_epoch:
+        if not self._validated:
             return  # no validation ran this epoch
-        self._last_val_epoch = state.iteration
+        self._validated = False
+        state = self.validator.state
         row = {"epoch": engine.state.epoch, "time_s": round(time.monotonic() - self.start, 2)}
         row.update({k: float(v) for k, v in state.metrics.items() if isinstance(v, (int, float))})
         self.rows.append(row)

@@ -1,0 +1,117 @@
+import csv
+import math
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+
+from fias_monai.handlers import (
+    BestModelSaver,
+    LastCheckpointHandler,
+    MetricHistoryHandler,
+    TimeBudgetHandler,
+    atomic_torch_save,
+)
+
+
+def _validator(values):
+    val = Engine(lambda e, b: None)
+    scores = iter(values)
+
+    @val.on(Events.EPOCH_COMPLETED)
+    def _score(engine):
+        engine.state.metrics["val_mean_dice"] = next(scores)
+
+    return val
+
+
+def test_history_has_one_row_per_validation(tmp_path):
+    val = _validator([0.1, 0.5, 0.4])
+    trainer = Engine(lambda e, b: 0.0)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(every=1), lambda e: val.run([0, 1]))  # as ValidationHandler
+    MetricHistoryHandler(val, tmp_path / "h.csv").attach(trainer)
+    trainer.run([0, 1, 2], max_epochs=3)
+    rows = list(csv.DictReader(open(tmp_path / "h.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert [float(r["val_mean_dice"]) for r in rows] == [0.1, 0.5, 0.4]
+    assert all(float(r["time_s"]) >= 0 for r in rows)
+
+
+def test_best_model_saver_keeps_the_best_across_a_restart(tmp_path):
+    net = torch.nn.Linear(2, 2)
+    saver = BestModelSaver(net, tmp_path / "model.pt", metric_name="val_mean_dice")
+    val = _validator([0.3, 0.7, 0.5])
+    saver.attach(val)
+    for _ in range(3):
+        with torch.no_grad():
+            net.weight.add_(1.0)
+        val.run([0])
+    assert saver.best_metric == 0.7
+    best = torch.load(tmp_path / "model.pt")
+    # a restarted saver with the restored state does not overwrite a better model with a worse one
+    restarted = BestModelSaver(net, tmp_path / "model.pt", metric_name="val_mean_dice")
+    restarted.load_state_dict(saver.state_dict())
+    val2 = _validator([0.6])
+    restarted.attach(val2)
+    val2.run([0])
+    assert torch.equal(torch.load(tmp_path / "model.pt")["weight"], best["weight"])
+
+
+def test_last_checkpoint_resumes_epoch_and_optimizer(tmp_path):
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+
+    def step(engine, batch):
+        opt.zero_grad()
+        loss = net(torch.ones(1, 2)).sum()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    trainer = Engine(step)
+    LastCheckpointHandler(tmp_path, {"model": net, "optimizer": opt}).attach(trainer)
+    trainer.run([0, 1], max_epochs=2)
+    saved = torch.load(tmp_path / "last.pt")
+    assert saved["trainer"] == {"epoch": 2, "iteration": 4} and saved["optimizer"]["state"]
+
+    net2 = torch.nn.Linear(2, 1)
+    opt2 = torch.optim.Adam(net2.parameters(), lr=0.1)
+    epochs_run = []
+    trainer2 = Engine(lambda e, b: 0.0)
+    LastCheckpointHandler(tmp_path, {"model": net2, "optimizer": opt2}, resume=True).attach(trainer2)
+    trainer2.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs_run.append(e.state.epoch))
+    trainer2.run([0, 1], max_epochs=3)
+    assert epochs_run == [3]  # epochs 1-2 were done before the "crash"
+    assert torch.equal(net2.weight, net.weight)
+    assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+
+
+def test_time_budget_decays_lr_and_stops(monkeypatch):
+    import fias_monai.handlers as h
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(h.time, "monotonic", lambda: clock["t"])
+    net = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    lrs = []
+
+    def step(engine, batch):
+        lrs.append(opt.param_groups[0]["lr"])
+        clock["t"] += 6.0  # each iteration takes 6 s
+        return 0.0
+
+    trainer = Engine(step)
+    TimeBudgetHandler(1.0, opt, min_lr_ratio=0.0).attach(trainer)  # 60 s
+    trainer.run([0, 1], max_epochs=100)  # 12 s an epoch
+    assert trainer.state.epoch == 5  # epoch 5 ends at 60 s exactly; a 6th would overrun the budget
+    assert lrs[0] == 1.0 and lrs[-1] < lrs[0]
+    assert math.isclose(lrs[2], 0.5 * (1 + math.cos(math.pi * 12 / 60)))
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "ckpt.pt"
+    atomic_torch_save({"a": torch.ones(2)}, target)
+    with pytest.raises(Exception):
+        atomic_torch_save({"bad": lambda: None}, target)  # unpicklable: the save fails midway
+    assert torch.equal(torch.load(target)["a"], torch.ones(2))  # old checkpoint intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temp left behind
