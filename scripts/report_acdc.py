@@ -1,0 +1,124 @@
+"""Turn the ACDC runs' outputs (scripts/run_experiment.py) into the table, curve and figure of bundle/docs.
+
+    python scripts/report_acdc.py --runs .data/gpu_runs --out bundle/docs
+
+Writes ``results/<name>.json`` (config, commit, GPU, minutes, per-class metrics, validation curve),
+``acdc_val_curve.png`` (validation mean Dice against training wall-clock time) and
+``acdc_qualitative.png`` (image, ground truth, FIAS and the peers on a few validation slices), and
+prints the Markdown table. matplotlib draws the curve (a script-only dependency: ``pip install matplotlib``).
+The curve comes from ``val_history.csv``; for runs made before that file was complete it is parsed from
+the training log's timestamps (trainer start to each "val_mean_dice" line).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+
+import fire
+import numpy as np
+
+NAMES = {"fias_tiny": "FIAS-tiny", "basicunet": "MONAI BasicUNet", "swinunetr": "MONAI SwinUNETR-2D (fs 48, v2)"}
+_TS = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
+
+
+def _ts(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f")
+
+
+def curve_from_log(log: str) -> list[dict]:
+    """(seconds since the trainer started, val mean Dice) for every validation in a training log."""
+    train_part = log.split("$ ")[1] if "$ " in log else log
+    start = re.search(_TS + r" - ignite\.engine\.engine\.SupervisedTrainer - INFO - Engine run (?:resuming|starting)",
+                      train_part)
+    if not start:
+        return []
+    t0 = _ts(start.group(1))
+    rows = []
+    for m in re.finditer(_TS + r" - INFO - Epoch\[\d+\] Metrics -- val_mean_dice: ([0-9.]+)", train_part):
+        rows.append({"time_s": (_ts(m.group(1)) - t0).total_seconds(), "val_mean_dice": float(m.group(2))})
+    for i, r in enumerate(rows):
+        r["validation"] = i + 1
+    return rows
+
+
+def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs") -> None:
+    runs_dir, out_dir = Path(runs), Path(out)
+    (out_dir / "results").mkdir(parents=True, exist_ok=True)
+    results = {}
+    for path in sorted(runs_dir.glob("*_results.json")):
+        r = json.loads(path.read_text())
+        log = (runs_dir / f"{r['name']}_log.txt").read_text(errors="replace")
+        curve = r["val_history"]
+        if len(curve) < 2:  # written by a MetricHistoryHandler that missed repeated validations
+            curve = curve_from_log(log)
+            r["val_history_source"] = "parsed from the training log timestamps"
+        r["val_history"] = [{k: float(v) for k, v in row.items()} for row in curve]
+        epochs = re.findall(r"Epoch\[(\d+)\] Complete", log.split("$ ")[1] if "$ " in log else log)
+        r["epochs_trained"] = max((int(e) for e in epochs), default=None)
+        r.pop("per_case", None)
+        results[r["name"]] = r
+        (out_dir / "results" / f"{r['name']}.json").write_text(json.dumps(r, indent=1))
+
+    print("| network | mean DSC | RV | MYO | LV | mean HD95 (voxels) | epochs | training minutes | GPU |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for name, r in results.items():
+        by = {row["class_name"]: row for row in r["summary"]}
+        pct = lambda c: f"{100 * float(by[c]['dice']):.2f}"  # noqa: E731
+        print(f"| {NAMES.get(name, name)} | {pct('mean')} | {pct('RV')} | {pct('MYO')} | {pct('LV')} | "
+              f"{float(by['mean']['hd95']):.2f} | {r['epochs_trained']} | {r['train_wall_minutes_incl_caching']} | "
+              f"{r['gpu']} |")
+        first90 = next((row["time_s"] for row in r["val_history"] if row["val_mean_dice"] >= 0.90), None)
+        print(f"  {name}: first val mean Dice >= 0.90 at "
+              f"{'%.1f min' % (first90 / 60) if first90 is not None else 'never'}; "
+              f"GPU utilisation {r.get('gpu_util_mean_during_training')} %")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, r in results.items():
+        t = [row["time_s"] / 60 for row in r["val_history"]]
+        ax.plot(t, [100 * row["val_mean_dice"] for row in r["val_history"]], marker=".", label=NAMES.get(name, name))
+    ax.axhline(90, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("training wall-clock time (min)")
+    ax.set_ylabel("validation mean Dice (%)")
+    gpu = next(iter(results.values()))["gpu"] if results else ""
+    ax.set_title(f"ACDC val.list, 3D protocol, {gpu}", fontsize=9)
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "acdc_val_curve.png")
+
+    preds = {name: np.load(runs_dir / f"{name}_val_preds.npz") for name in results
+             if (runs_dir / f"{name}_val_preds.npz").exists()}
+    if "fias_tiny" in preds:
+        from fias_monai.visualize import compare_panel
+
+        ref = preds["fias_tiny"]
+        cases = sorted({k.split("__")[0] for k in ref.files})[:2]
+        order = [n for n in ("fias_tiny", "basicunet", "swinunetr") if n in preds]
+        panels = []
+        for case in cases:
+            image, label = ref[f"{case}__image"], ref[f"{case}__label"]
+            z = int(np.argmax((label > 0).sum(axis=(0, 1))))
+            panels.append(compare_panel(image, label, {NAMES[n]: preds[n][f"{case}__pred"] for n in order},
+                                        out_dir / f".panel_{case}.png", slices=[z]))
+        from skimage import io
+
+        rows = [io.imread(p) for p in panels]
+        width = max(r.shape[1] for r in rows)
+        rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+        io.imsave(out_dir / "acdc_qualitative.png", np.concatenate(rows, axis=0), check_contrast=False)
+        for p in panels:
+            Path(p).unlink()
+        print("qualitative columns: image, ground truth, " + ", ".join(NAMES[n] for n in order), "; cases", cases)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,401 @@
+"""End-to-end tests of the MONAI Bundle in ``bundle/`` (CPU, tiny network, tiny data).
+
+* ``slow`` tests run the documented commands (``python -m monai.bundle run training|evaluating|...``)
+  in subprocesses, in this order: train 1 epoch -> evaluate that model -> infer with that model on the
+  real CT (when ../shared is present) and on synthetic volumes in non-RAS orientations.
+* The other tests run in-process: the metadata against the bundle spec, the configs against each
+  other, ``verify_net_in_out``, ``ckpt_export`` (traced TorchScript == eager),
+  ``ConfigWorkflow.check_properties`` and a voxel-exact orientation round trip of inference.json.
+
+Every run writes under pytest's tmp folder (``bundle_root``/``dataset_dir``/``output_dir`` overridden);
+the configs are read from the repo.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from fias_monai.data import load_datalist, make_demo_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+TRAIN, EVALUATE, INFER = CONFIGS / "train.json", CONFIGS / "evaluate.json", CONFIGS / "inference.json"
+META, LOGGING_CONF = CONFIGS / "metadata.json", CONFIGS / "logging.conf"
+REAL_CT = REPO.parent / "shared" / "data" / "totalseg_ct" / "example_ct_sm.nii.gz"
+
+# The narrow FIAS of the CPU tests (FIAS inputs must divide by 32: 64x64 slices).
+TINY = {"network_def#embed_dims": [24, 48, 96, 192], "network_def#depths": [1, 1, 1, 1], "image_size": [64, 64]}
+
+
+def _json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def _cli_overrides(overrides: dict) -> list[str]:
+    args = []
+    for key, value in overrides.items():
+        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return args
+
+
+def _bundle(*args: str, overrides: dict, timeout: float = 400) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle ARGS --key value ...`` from the repo root; fails the test on a non-zero exit."""
+    cmd = [sys.executable, "-m", "monai.bundle", *args, *_cli_overrides(overrides)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}: {' '.join(cmd)}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n"
+        f"{proc.stderr[-6000:]}"
+    )
+    return proc
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _affine(codes: str, spacing, origin) -> np.ndarray:
+    """An oblique-free affine whose voxel axes point along ``codes`` (e.g. "LPI", "PSR")."""
+    world = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I": (2, -1)}
+    aff = np.eye(4)
+    aff[:3, :3] = 0
+    for axis, (code, sp) in enumerate(zip(codes, spacing)):
+        row, sign = world[code]
+        aff[row, axis] = sign * sp
+    aff[:3, 3] = origin
+    return aff
+
+
+@pytest.fixture
+def restore_logging():
+    """ConfigWorkflow(logging_file=...) re-configures the root logger (handlers on sys.stdout): undo it."""
+    root = logging.getLogger()
+    saved = root.level, root.handlers[:]
+    yield
+    for h in root.handlers[:]:
+        if h not in saved[1]:
+            root.removeHandler(h)
+    for h in saved[1]:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(saved[0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# metadata and configs (fast)
+
+
+def test_metadata_has_every_mandatory_field():
+    meta = _json(META)
+    for key in ("version", "changelog", "monai_version", "pytorch_version", "numpy_version",
+                "required_packages_version", "task", "description", "authors", "copyright", "network_data_format"):
+        assert key in meta and meta[key] not in ("", None, {}, []), f"metadata.json: {key} missing or empty"
+    for key in ("version", "monai_version", "pytorch_version", "numpy_version", "task", "description", "authors",
+                "copyright"):
+        assert isinstance(meta[key], str), key
+    assert meta["version"] in meta["changelog"], "the changelog must describe the current version"
+    assert isinstance(meta["required_packages_version"], dict)
+    fmt = meta["network_data_format"]
+    assert fmt.get("inputs") and fmt.get("outputs")
+    for section in ("inputs", "outputs"):
+        for name, spec in fmt[section].items():
+            for key in ("type", "format", "num_channels", "spatial_shape", "dtype", "value_range", "channel_def"):
+                assert key in spec, f"network_data_format.{section}.{name}: {key} missing"
+            assert len(spec["channel_def"]) == spec["num_channels"], f"{section}.{name}: channel_def vs num_channels"
+            assert sorted(spec["channel_def"], key=int) == [str(i) for i in range(spec["num_channels"])]
+            # the network takes 2D slices whose sides divide by 32
+            assert len(spec["spatial_shape"]) == 2
+            assert all(isinstance(s, str) or s % 32 == 0 for s in spec["spatial_shape"])
+    assert fmt["inputs"]["image"]["num_channels"] == _json(TRAIN)["network_def"]["in_channels"]
+
+
+def test_configs_agree_with_each_other_and_with_metadata():
+    train, infer, meta = _json(TRAIN), _json(INFER), _json(META)
+    class_names = train["class_names"]
+    channel_def = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    assert channel_def == {str(i): name for i, name in enumerate(class_names)}, (
+        "metadata.json outputs.pred.channel_def must name every class of train.json's class_names"
+    )
+    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == len(class_names)
+    assert infer["class_names"] == class_names
+    # the model.pt that training writes must load (strict) into inference.json's network
+    ignore = ("pretrained_encoder",)  # an initialisation detail of training
+    assert {k: v for k, v in infer["network_def"].items() if k not in ignore} == {
+        k: v for k, v in train["network_def"].items() if k not in ignore
+    }
+    assert infer["image_size"] == train["image_size"]
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == train["image_size"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# MONAI bundle tooling, in-process (fast)
+
+
+def _random_checkpoint(path: Path) -> torch.nn.Module:
+    """Instantiate inference.json's network_def (tiny) and save its random weights as a state dict."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(INFER))
+    parser.update(TINY)
+    net = parser.get_parsed_content("network_def")
+    torch.save(net.state_dict(), path)
+    return net
+
+
+def test_verify_net_in_out():
+    from monai.bundle import verify_net_in_out
+
+    # The metadata's 256x256 input, 1 channel float32 -> 4 channels float32 (eval mode: one tensor).
+    verify_net_in_out("network_def", meta_file=str(META), config_file=str(INFER), device="cpu", n=2, **TINY)
+
+
+def test_ckpt_export_traced_torchscript_matches_eager(tmp_path):
+    from monai.bundle import ckpt_export
+
+    net = _random_checkpoint(tmp_path / "model.pt").eval()
+    ts_path = tmp_path / "model.ts"
+    # FIAS is traced, not scripted (train mode returns a list, eval mode one tensor).
+    ckpt_export("network_def", filepath=str(ts_path), ckpt_file=str(tmp_path / "model.pt"), meta_file=str(META),
+                config_file=str(INFER), use_trace=True, input_shape=[1, 1, 64, 64], **TINY)
+    extra = {"metadata.json": "", "inference.json": ""}
+    ts = torch.jit.load(str(ts_path), _extra_files=extra)
+    assert json.loads(extra["metadata.json"])["version"] == _json(META)["version"]
+    assert json.loads(extra["inference.json"])["network_def"]["_target_"] == "fias_monai.networks.FIAS"
+    torch.manual_seed(1)
+    for shape in ((1, 1, 64, 64), (2, 1, 96, 128)):  # the trace must not bake in the example's size
+        x = torch.rand(shape)
+        with torch.no_grad():
+            eager, traced = net(x), ts(x)
+        assert traced.shape == (shape[0], 4, *shape[2:])
+        torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "config_file, workflow_type",
+    [(TRAIN, "train"), (INFER, "infer")],
+    ids=["train.json", "inference.json"],
+)
+def test_config_workflow_check_properties(tmp_path, restore_logging, config_file, workflow_type):
+    from monai.bundle import ConfigWorkflow
+
+    demo = tmp_path / "demo"
+    make_demo_dataset(demo, num_train=2, num_val=1, shape=(64, 64, 4))
+    overrides = {**TINY, "bundle_root": str(tmp_path / "bundle"), "num_workers": 0}
+    if workflow_type == "train":
+        overrides.update(dataset_dir=str(demo), cache_workers=1)
+    else:
+        overrides.update(dataset_dir=str(demo / "imagesTr"), output_dir=str(tmp_path / "out"))
+    wf = ConfigWorkflow(config_file=str(config_file), meta_file=str(META), logging_file=str(LOGGING_CONF),
+                        workflow_type=workflow_type, **overrides)
+    wf.initialize()
+    missing = wf.check_properties()
+    assert not missing, f"{config_file.name}: required properties missing or optional ones with a wrong ID: {missing}"
+    assert wf.bundle_root == str(tmp_path / "bundle")
+    assert isinstance(wf.network_def, torch.nn.Module)
+    if workflow_type == "train":
+        assert wf.max_epochs == _json(TRAIN)["epochs"]
+        assert len(wf.train_dataset_data) == 2 and len(wf.val_dataset_data) == 1
+    else:
+        assert len(wf.dataset_data) == 3
+
+
+def test_inference_orientation_round_trip_is_voxel_exact(tmp_path):
+    """inference.json with a stand-in "network" whose argmax is a known function of the intensity: on
+    inputs in non-RAS orientations the written segmentation must be that function of each voxel, in
+    the input's own voxel order (a header-only check cannot see a missing flip or transpose)."""
+    from monai.bundle import ConfigWorkflow
+
+    # 1x1 conv on the [0, 1]-scaled image: argmax = 0, 1, 2, 3 for x in [0, .25), [.25, .5), [.5, .75), [.75, 1].
+    conv = torch.nn.Conv2d(1, 4, kernel_size=1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([0.0, 10.0, 20.0, 30.0]).view(4, 1, 1, 1))
+        conv.bias.copy_(torch.tensor([0.0, -2.5, -7.5, -15.0]))
+    (tmp_path / "bundle" / "models").mkdir(parents=True)
+    torch.save(conv.state_dict(), tmp_path / "bundle" / "models" / "model.pt")
+
+    levels = np.array([0.0, 0.375, 0.625, 1.0])  # the per-volume min-max keeps these exactly
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    rng = np.random.default_rng(0)
+    # in-plane (R, A) sides 64 after reorientation to RAS, so the Resize to 64x64 is the identity
+    cases = {"lpi": ("LPI", (64, 64, 5)), "psr": ("PSR", (64, 3, 64)), "ras": ("RAS", (64, 64, 2))}
+    expected = {}
+    for name, (codes, shape) in cases.items():
+        seg = rng.integers(0, 4, size=shape).astype(np.uint8)
+        seg.flat[:4] = [0, 1, 2, 3]
+        image = (levels[seg] * 400.0 - 100.0).astype(np.float32)
+        affine = _affine(codes, (0.7, 1.3, 2.5), (12.5, -40.0, 7.0))
+        nib.save(nib.Nifti1Image(image, affine), str(inp / f"{name}.nii.gz"))
+        expected[name] = (seg, affine)
+    overrides = {"bundle_root": str(tmp_path / "bundle"), "dataset_dir": str(inp), "output_dir": str(out),
+                 "num_workers": 0, "image_size": [64, 64],
+                 "network_def": {"_target_": "torch.nn.Conv2d", "in_channels": 1, "out_channels": 4, "kernel_size": 1}}
+    wf = ConfigWorkflow(config_file=str(INFER), meta_file=str(META), logging_file=False, workflow_type="infer",
+                        **overrides)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    for name, (seg, affine) in expected.items():
+        pred = nib.load(str(out / f"{name}_seg.nii.gz"))
+        assert nib.aff2axcodes(pred.affine) == tuple(cases[name][0])
+        np.testing.assert_allclose(pred.affine, affine, atol=1e-5)
+        np.testing.assert_array_equal(np.asanyarray(pred.dataobj), seg, err_msg=f"{name}: voxels misplaced")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the documented commands, in subprocesses (slow): train -> evaluate -> infer
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundle_e2e")
+    make_demo_dataset(root / "demo", num_train=2, num_val=1, shape=(64, 64, 4))
+    watched = [p for d in ("bundle/models", "demo_data") for p in sorted((REPO / d).rglob("*")) if p.is_file()]
+    before = {p: p.stat().st_mtime_ns for p in watched}
+    absent = [d for d in ("eval", "logs", "output") if not (REPO / "bundle" / d).exists()]
+    yield root
+    # the runs wrote under tmp only: the repo's shipped weights and demo data are untouched
+    assert {p: p.stat().st_mtime_ns for p in watched if p.exists()} == before, "a bundle test wrote into the repo"
+    assert not [d for d in absent if (REPO / "bundle" / d).exists()], "a bundle test wrote into the repo's bundle/"
+
+
+@pytest.fixture(scope="module")
+def trained(workdir):
+    bundle_root = workdir / "bundle"
+    _bundle("run", "training", "--config_file", str(TRAIN),
+            overrides={**TINY, "epochs": 1, "batch_size": 2, "num_workers": 0, "cache_workers": 1,
+                       "bundle_root": str(bundle_root), "dataset_dir": str(workdir / "demo")})
+    return bundle_root
+
+
+@pytest.fixture(scope="module")
+def evaluated(workdir, trained):
+    proc = _bundle("run", "evaluating", "--config_file", json.dumps([str(TRAIN), str(EVALUATE)]),
+                   overrides={**TINY, "num_workers": 0, "cache_workers": 1, "bundle_root": str(trained),
+                              "dataset_dir": str(workdir / "demo")})
+    return trained / "eval", proc
+
+
+@pytest.fixture(scope="module")
+def inferred(workdir, trained):
+    """One inference run over: the real CT (linked, when present) and synthetic volumes saved LPI and PSR
+    with non-unit spacing and a non-zero origin."""
+    inp, out = workdir / "infer_in", workdir / "infer_out"
+    inp.mkdir()
+    rng = np.random.default_rng(0)
+    for name, codes, shape in (("synth_lpi", "LPI", (40, 56, 7)), ("synth_psr", "PSR", (48, 6, 36))):
+        image = (rng.normal(40.0, 300.0, size=shape)).astype(np.float32)
+        affine = _affine(codes, (0.9, 1.6, 3.0), (-101.5, 37.25, 12.0))
+        nib.save(nib.Nifti1Image(image, affine), str(inp / f"{name}.nii.gz"))
+        assert "".join(nib.aff2axcodes(nib.load(str(inp / f"{name}.nii.gz")).affine)) == codes
+    if REAL_CT.is_file():
+        os.symlink(REAL_CT, inp / REAL_CT.name)  # read in place: the real file must stay untouched
+    hashes = {p.name: _sha256(p) for p in inp.iterdir()}
+    proc = _bundle("run", "--config_file", str(INFER),
+                   overrides={**TINY, "num_workers": 0, "bundle_root": str(trained), "dataset_dir": str(inp),
+                              "output_dir": str(out)})
+    return inp, out, hashes, proc
+
+
+@pytest.mark.slow
+def test_train_writes_checkpoints_and_logs(trained):
+    from fias_monai.networks import FIAS
+
+    model, last = trained / "models" / "model.pt", trained / "models" / "last.pt"
+    assert model.is_file() and last.is_file()
+    net = FIAS(1, 4, "tiny", embed_dims=TINY["network_def#embed_dims"], depths=TINY["network_def#depths"])
+    net.load_state_dict(torch.load(model, map_location="cpu", weights_only=True), strict=True)
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert {"model", "optimizer", "lr_scheduler", "best", "trainer"} <= set(state)
+    assert state["trainer"]["epoch"] == 1 and state["best"]["best_epoch"] == 1
+    log_dir = trained / "logs"
+    events = sorted(log_dir.glob("events.out.tfevents.*"))
+    assert events, f"no TensorBoard event file in {log_dir}"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for e in events:
+        acc = EventAccumulator(str(e))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"train_loss", "val_mean_dice"} <= tags, tags
+    lines = (log_dir / "val_history.csv").read_text().splitlines()
+    assert lines[0].split(",")[:3] == ["epoch", "time_s", "val_mean_dice"]
+    assert len(lines) == 2 and lines[1].split(",")[0] == "1"
+    assert 0.0 <= float(lines[1].split(",")[2]) <= 1.0
+
+
+@pytest.mark.slow
+def test_evaluate_writes_metrics_and_overlays(workdir, evaluated):
+    eval_dir, proc = evaluated
+    assert f"Restored all variables from {workdir / 'bundle' / 'models' / 'model.pt'}" in proc.stdout + proc.stderr
+    class_names = _json(TRAIN)["class_names"]
+    val = load_datalist(workdir / "demo" / "datalist.json", "validation")
+    cases = [Path(e["label"]).name.split(".")[0] for e in val]
+    with open(eval_dir / "metrics_per_case.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["case"], int(r["class_index"]), r["class_name"]) for r in rows} == {
+        (c, i, class_names[i]) for c in cases for i in range(1, len(class_names))
+    }
+    assert len(rows) == len(cases) * (len(class_names) - 1)
+    for r in rows:
+        assert 0.0 <= float(r["dice"]) <= 1.0 and float(r["hd95"]) >= 0.0
+    with open(eval_dir / "metrics_summary.csv", newline="") as f:
+        summary = list(csv.DictReader(f))
+    assert [s["class_name"] for s in summary] == class_names[1:] + ["mean"]
+    md = (eval_dir / "metrics_summary.md").read_text()
+    assert "**mean**" in md and all(name in md for name in class_names[1:])
+    pngs = sorted((eval_dir / "overlays").glob("*.png"))
+    assert pngs and all(p.name.startswith(tuple(cases)) for p in pngs), pngs
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 100
+
+
+def _check_prediction(src: Path, pred_path: Path, num_classes: int) -> None:
+    img, pred = nib.load(str(src)), nib.load(str(pred_path))
+    assert pred.shape == img.shape, (pred.shape, img.shape)
+    np.testing.assert_allclose(pred.affine, img.affine, atol=1e-4)
+    assert nib.aff2axcodes(pred.affine) == nib.aff2axcodes(img.affine)
+    assert pred.get_data_dtype() == np.uint8
+    values = np.unique(np.asanyarray(pred.dataobj))
+    assert set(values.tolist()) <= set(range(num_classes)), values
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_CT.is_file(), reason=f"{REAL_CT} is not present (clones lack ../shared)")
+def test_inference_on_real_ct(inferred):
+    inp, out, hashes, _ = inferred
+    src = inp / REAL_CT.name
+    _check_prediction(src, out / "example_ct_sm_seg.nii.gz", len(_json(INFER)["class_names"]))
+    img = nib.load(str(REAL_CT))
+    assert img.shape == (122, 101, 30) and "".join(nib.aff2axcodes(img.affine)) == "RAS"
+    assert _sha256(REAL_CT) == hashes[REAL_CT.name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["synth_lpi", "synth_psr"])
+def test_inference_keeps_non_ras_geometry(inferred, name):
+    inp, out, hashes, _ = inferred
+    _check_prediction(inp / f"{name}.nii.gz", out / f"{name}_seg.nii.gz", len(_json(INFER)["class_names"]))
+
+
+@pytest.mark.slow
+def test_inference_leaves_its_inputs_alone(inferred):
+    inp, out, hashes, _ = inferred
+    assert {p.name: _sha256(p) for p in inp.iterdir()} == hashes  # byte-identical, nothing added
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        n.replace(".nii.gz", "_seg.nii.gz") for n in hashes
+    )
