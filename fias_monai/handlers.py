@@ -4,6 +4,7 @@ across restarts, and a progress bar with the loss and an ETA."""
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import time
@@ -121,9 +122,11 @@ class LastCheckpointHandler:
 
     def __init__(self, save_dir: str | os.PathLike, save_dict: dict, resume: bool = False,
                  filename: str = "last.pt") -> None:
+        from .transforms import as_bool  # the bundle CLI passes "false" as a (truthy) string
+
         self.path = Path(save_dir) / filename
         self.save_dict = {k: v for k, v in save_dict.items() if v is not None}
-        self.resume = resume
+        self.resume = as_bool(resume, "resume")
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.load)
@@ -249,6 +252,10 @@ class MetricHistoryHandler:
         if not self._validated:
             return  # no validation ran this epoch
         self._validated = False
+        if not self.rows and self.filename.is_file():
+            # a resumed run keeps the curve of the epochs before the restart
+            with open(self.filename) as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < engine.state.epoch]
         state = self.validator.state
         row = {"epoch": engine.state.epoch, "time_s": round(time.monotonic() - self.start, 2)}
         row.update({k: float(v) for k, v in state.metrics.items() if isinstance(v, (int, float))})

@@ -8,6 +8,7 @@ Models: FIAS-tiny (each MSDA formulation: "unfold" reference, "gather", "shift")
 SwinUNETR(spatial_dims=2, feature_size=48, use_v2=True) and MONAI BasicUNet, every one with the same
 fused Adam optimizer, in two execution modes applied alike to all models:
   * eager: plain PyTorch;
+  * compile+graph (optional, ``--compiled``): torch.compile (inductor kernel fusion), then the graph capture;
   * graph: the whole training step (forward, loss, backward, optimizer step) and the inference forward
     captured once in a CUDA graph and replayed (removes the per-kernel CPU launch cost, which dominates
     networks made of many small kernels).
@@ -72,7 +73,8 @@ def bench_model(name: str, classes: int, batch: int, size: int, iters: int, warm
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         net.eval()(torch.randn(1, 1, size, size, device="cuda"))
     flops = counter.get_total_flops()
-    graph = mode == "graph"
+    graph = mode in ("graph", "compile+graph")
+    model = torch.compile(net) if mode.startswith("compile") else net
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, weight_decay=1e-4, fused=True, capturable=graph)
     # several input sets so repeated steps do not replay one cached batch
     xs = [torch.rand(batch, 1, size, size, device="cuda") for _ in range(4)]
@@ -81,7 +83,7 @@ def bench_model(name: str, classes: int, batch: int, size: int, iters: int, warm
 
     def fwd_bwd_step():
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph):
-            out = net(static_x)
+            out = model(static_x)
             loss = loss_fn([o.float() for o in out] if isinstance(out, list) else out.float(), static_y)
         loss.backward()
         opt.step()
@@ -123,7 +125,7 @@ def bench_model(name: str, classes: int, batch: int, size: int, iters: int, warm
 
     def forward():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph):
-            return net(x1)
+            return model(x1)
 
     if graph:
         side.wait_stream(torch.cuda.current_stream())
@@ -172,7 +174,8 @@ def bench_msda(batch: int = 16, channels: int = 24, size: int = 64, head_dim: in
 def main(out: str = "benchmark_results.json", batch: int = 16, size: int = 256, classes: int = 9,
          iters: int = 30, warmup: int = 10,
          eager: str = "fias_tiny_unfold,fias_tiny_gather,fias_tiny_shift,swinunetr,basicunet",
-         graph: str = "fias_tiny_gather,fias_tiny_unfold,swinunetr,basicunet", msda: bool = True) -> None:
+         graph: str = "fias_tiny_gather,fias_tiny_unfold,swinunetr,basicunet", compiled: str = "",
+         msda: bool = True) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
@@ -185,7 +188,11 @@ def main(out: str = "benchmark_results.json", batch: int = 16, size: int = 256, 
         with open(out, "w") as f:
             json.dump(results, f, indent=2)
 
-    runs = [(m, "eager") for m in eager.split(",") if m] + [(m, "graph") for m in graph.split(",") if m]
+    def names(arg):  # fire turns "" into an empty tuple and "a,b" into a tuple
+        return [m for m in (arg.split(",") if isinstance(arg, str) else list(arg or ())) if m]
+
+    runs = [(m, "eager") for m in names(eager)] + [(m, "graph") for m in names(graph)] + \
+           [(m, "compile+graph") for m in names(compiled)]
     for name, mode in runs:
         try:
             results["models"].append(bench_model(name, classes, batch, size, iters, warmup, mode))

@@ -53,6 +53,9 @@ class SliceDataset(Dataset):
     def __init__(self, data: Sequence[dict], volume_transform: Callable, transform: Callable | None = None,
                  num_classes: int | None = None, axis: int = -1, num_workers: int = 4) -> None:
         self.data = list(data)
+        if not self.data:
+            raise ValueError("SliceDataset got no volumes: the training list is empty (check the datalist's "
+                             "'training' section)")
         self.transform = transform
         self.num_classes = num_classes
         self.axis = axis

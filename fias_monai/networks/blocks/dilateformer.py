@@ -181,7 +181,7 @@ class DilateFormerBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, dilated: bool, dilations: Sequence[int] = (1, 2, 3),
                  kernel_size: int = 3, mlp_ratio: float = 4.0, drop_path: float = 0.0,
-                 attention_impl: str = "shift") -> None:
+                 attention_impl: str = "gather") -> None:
         super().__init__()
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)  # conditional position encoding
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -238,7 +238,7 @@ class DilateFormer(nn.Module):
         kernel_size: MSDA window.
         mlp_ratio: MLP width ratio.
         drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
-        attention_impl: MSDA implementation, ``"shift"`` or ``"unfold"`` (same numbers).
+        attention_impl: MSDA implementation, ``"gather"``, ``"unfold"`` or ``"shift"`` (same numbers).
         stem_width: width of the first stem conv (16 in DilateFormer).
 
     Shapes:
@@ -249,7 +249,7 @@ class DilateFormer(nn.Module):
                  depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
                  dilated_stages: Sequence[bool] = (True, True, False, False), dilations: Sequence[int] = (1, 2, 3),
                  kernel_size: int = 3, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1,
-                 attention_impl: str = "shift", stem_width: int = 16) -> None:
+                 attention_impl: str = "gather", stem_width: int = 16) -> None:
         super().__init__()
         if not (len(embed_dims) == len(depths) == len(num_heads) == len(dilated_stages)):
             raise ValueError("embed_dims, depths, num_heads and dilated_stages must have one entry per stage.")

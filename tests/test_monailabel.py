@@ -1,0 +1,308 @@
+"""End-to-end test of the bundle under a real MONAI Label server (scripts/monailabel_server.sh).
+
+MONAI Label pins pydicom<3 / numpy<2, so it lives in its own environment ("label venv"):
+
+    python -m venv .venv-label
+    .venv-label/bin/pip install -c constraints.txt -e ".[label]"
+    FIAS_LABEL_PYTHON=$PWD/.venv-label/bin/python pytest tests/test_monailabel.py
+
+The test process only needs the main environment (it writes NIfTI files and talks HTTP). Everything that
+imports monailabel runs in subprocesses of the label venv's python: a one-epoch training of a tiny FIAS that
+gives the bundle its models/model.pt, then the server. The server is always stopped (its whole process group,
+training subprocesses included), also when a test fails.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from fias_monai.data import load_datalist, make_demo_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "monailabel_server.sh"
+MODEL = "fias"  # the name monailabel_server.sh serves the bundle under
+
+
+def _label_python() -> Path:
+    env = os.environ.get("FIAS_LABEL_PYTHON")
+    if env:
+        return Path(env)
+    for cand in (REPO / ".venv-label" / "bin" / "python", REPO.parent / "venv-label" / "bin" / "python"):
+        if cand.exists():
+            return cand
+    return REPO / ".venv-label" / "bin" / "python"
+
+
+LABEL_PY = _label_python()
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(
+        not LABEL_PY.exists(),
+        reason=f"no MONAI Label environment: {LABEL_PY} does not exist (create it with "
+        f"`pip install -c constraints.txt -e '.[label]'` in a separate venv and point FIAS_LABEL_PYTHON at its python)",
+    ),
+]
+
+# Tiny network + CPU-friendly loader settings, written into the copied configs: the server takes no overrides.
+TINY = {"image_size": [64, 64], "batch_size": 2, "num_workers": 0, "cache_workers": 1, "val_interval": 1, "epochs": 1}
+TINY_NET = {"embed_dims": [24, 48, 96, 192], "depths": [1, 1, 1, 1]}
+# A flipped, anisotropic, shifted grid: the label must come back on exactly this grid.
+AFFINE = np.array([[-0.8, 0.0, 0.0, 40.0], [0.0, 0.8, 0.0, -20.0], [0.0, 0.0, 2.5, 5.0], [0.0, 0.0, 0.0, 1.0]])
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, n: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return f"(no {path})"
+
+
+def _run(cmd, log: Path, cwd: Path, timeout: float) -> None:
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{_tail(log)}"
+
+
+def _tiny_bundle(dst: Path) -> Path:
+    """Copy bundle/ without weights or outputs and write the tiny settings into its configs."""
+    skip = shutil.ignore_patterns("*.pt", "*.ts", "eval", "logs", "output", "mlruns", "__pycache__")
+    shutil.copytree(REPO / "bundle", dst, ignore=skip)
+    (dst / "models").mkdir(exist_ok=True)
+    for name in ("train.json", "inference.json"):
+        path = dst / "configs" / name
+        cfg = json.loads(path.read_text())
+        assert "image_size" in cfg and "network_def" in cfg, f"{name} lost image_size/network_def"
+        cfg["network_def"].update(TINY_NET)
+        cfg.update({k: v for k, v in TINY.items() if k in cfg})
+        path.write_text(json.dumps(cfg, indent=4))
+    return dst
+
+
+def _save(array: np.ndarray, path: Path) -> None:
+    nib.save(nib.Nifti1Image(array, AFFINE), str(path))
+
+
+class Server:
+    """Client side of one running server."""
+
+    def __init__(self, url: str, log: Path, app: Path, studies: Path, labels: dict, test_image: str, shape) -> None:
+        self.url, self.log, self.app, self.studies = url, log, app, studies
+        self.labels, self.test_image, self.shape = labels, test_image, shape
+        self.bundle = app / "model" / MODEL
+
+    def request(self, method: str, path: str, body: dict | None = None, timeout: float = 120):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        if body is not None:
+            req.add_header("Content-Type", "application/json")
+        elif method == "POST":
+            req.data = b""
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def json(self, method: str, path: str, body: dict | None = None, timeout: float = 120):
+        status, raw = self.request(method, path, body, timeout)
+        assert status == 200, f"{method} {path}: HTTP {status} {raw[:2000]!r}\nserver log:\n{_tail(self.log)}"
+        return json.loads(raw)
+
+    def infer(self, image: str, dest: Path) -> nib.Nifti1Image:
+        status, raw = self.request("POST", f"/infer/{MODEL}?image={image}&output=image", timeout=180)
+        assert status == 200, f"infer {image}: HTTP {status} {raw[:2000]!r}\nserver log:\n{_tail(self.log)}"
+        dest.write_bytes(raw)
+        return nib.load(str(dest))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("monailabel")
+    probe = subprocess.run([str(LABEL_PY), "-c", "import monailabel, fias_monai"], capture_output=True, text=True)
+    assert probe.returncode == 0, f"{LABEL_PY} cannot import monailabel and fias_monai:\n{probe.stderr[-3000:]}"
+
+    # Data: demo volumes (3 labelled studies for training/validation) + an unlabelled one of another shape.
+    demo = load_datalist(make_demo_dataset(tmp / "demo", num_train=2, num_val=1, shape=(64, 64, 6)), "training")
+    demo += load_datalist(tmp / "demo" / "datalist.json", "validation")
+    odd = load_datalist(make_demo_dataset(tmp / "odd", num_train=1, num_val=0, shape=(72, 56, 5), seed=7), "training")
+    studies = tmp / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for i, entry in enumerate(demo):
+        _save(np.asarray(nib.load(entry["image"]).dataobj), studies / f"case{i}.nii.gz")
+        _save(np.asarray(nib.load(entry["label"]).dataobj), studies / "labels" / "final" / f"case{i}.nii.gz")
+    test_image = np.asarray(nib.load(odd[0]["image"]).dataobj)
+    _save(test_image, studies / "unlabelled.nii.gz")
+
+    # Bundle with a freshly trained tiny models/model.pt (one epoch, label venv: the server must load it).
+    bundle = _tiny_bundle(tmp / "bundle")
+    _run([str(LABEL_PY), "-m", "monai.bundle", "run", "training", "--config_file", str(bundle / "configs" / "train.json"),
+          "--bundle_root", str(bundle), "--dataset_dir", str(tmp / "demo")], tmp / "train.log", tmp, timeout=240)
+    assert (bundle / "models" / "model.pt").is_file(), _tail(tmp / "train.log")
+
+    # The server, through the documented script, in its own process group.
+    port = _free_port()
+    app, log = tmp / "app", tmp / "server.log"
+    env = {**os.environ, "FIAS_LABEL_PYTHON": str(LABEL_PY), "MONAI_LABEL_SESSION_PATH": str(tmp / "sessions"),
+           "PYTHONUNBUFFERED": "1"}
+    cmd = ["bash", str(SCRIPT), str(studies), "--app", str(app), "--bundle", str(bundle), "--port", str(port)]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=tmp, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{_tail(log)}"
+            try:
+                with urllib.request.urlopen(url + "/info/", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            assert time.monotonic() < deadline, f"server not up after 120 s:\n{_tail(log)}"
+            time.sleep(1)
+        meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+        channels = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+        labels = {v.lower(): int(k) for k, v in channels.items() if v.lower() != "background"}
+        yield Server(url, log, app, studies, labels, "unlabelled", test_image.shape)
+    finally:
+        try:  # a running training is a child process: ask the server to stop it first
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/train/", method="DELETE"), timeout=5)
+        except Exception:
+            pass
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, SIGKILL whatever is left after 15 s."""
+    for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader, or killpg(.., 0) keeps finding its zombie
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+    proc.poll()
+
+
+def test_info_lists_model_with_bundle_labels(server):
+    info = server.json("GET", "/info/")
+    assert MODEL in info["models"], f"models: {list(info['models'])}\n{_tail(server.log)}"
+    model = info["models"][MODEL]
+    assert model["type"] == "segmentation"
+    assert model["labels"] == server.labels and server.labels, (model["labels"], server.labels)
+    assert model["dimension"] == 2
+    assert "model.pt" in model["config"]["model_filename"]
+    assert MODEL in info["trainers"]
+    assert info["datastore"]["total"] == 4 and info["datastore"]["completed"] == 3
+
+
+def _check_label(img: nib.Nifti1Image, server: Server, shape=None) -> None:
+    shape = server.shape if shape is None else shape
+    data = np.asarray(img.dataobj)
+    assert data.shape == shape, f"label shape {data.shape} != image shape {shape}"
+    np.testing.assert_allclose(img.affine, AFFINE, atol=1e-4, err_msg="label affine differs from the image's")
+    values = np.unique(data)
+    assert np.all(values == np.round(values)), f"non-integer label values {values[:10]}"
+    assert set(values.astype(int).tolist()) <= {0, *server.labels.values()}, f"unknown class ids {values}"
+
+
+def test_infer_returns_label_on_image_grid(server, tmp_path):
+    _check_label(server.infer(server.test_image, tmp_path / "pred.nii.gz"), server)
+    out = server.json("POST", f"/infer/{MODEL}?image={server.test_image}&output=json")
+    assert out["label_names"] == server.labels
+    # MONAI Label strips the bundle's SaveImaged and writes the result itself: nothing lands in the bundle.
+    assert not (server.bundle / "output").exists(), "the bundle's SaveImaged ran inside MONAI Label"
+
+
+def test_ten_concurrent_infers(server, tmp_path):
+    images = [server.test_image if i % 2 else f"case{i % 3}" for i in range(10)]
+
+    def one(i):
+        status, raw = server.request("POST", f"/infer/{MODEL}?image={images[i]}&output=image", timeout=240)
+        (tmp_path / f"p{i}.nii.gz").write_bytes(raw)
+        return status, raw
+
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(one, range(10)))
+    bad = [(i, s, r[:300]) for i, (s, r) in enumerate(results) if s != 200]
+    assert not bad, f"failed requests: {bad}\n{_tail(server.log)}"
+    for i in range(10):
+        img = nib.load(str(tmp_path / f"p{i}.nii.gz"))
+        _check_label(img, server, None if images[i] == server.test_image else (64, 64, 6))
+
+
+def test_train_one_epoch_updates_model(server, tmp_path):
+    model_pt = server.bundle / "models" / "model.pt"
+    before = (model_pt.stat().st_mtime_ns, hashlib.sha256(model_pt.read_bytes()).hexdigest())
+    # 3 labelled studies, val_split 0.34: 2 train + 1 validation volume (an empty validation split never saves).
+    task = server.json("POST", f"/train/{MODEL}",
+                       {"max_epochs": 1, "val_split": 0.34, "multi_gpu": False, "device": "cpu"})
+    assert task["status"] in ("SUBMITTED", "RUNNING"), task
+    deadline = time.monotonic() + 180
+    while True:
+        task = server.json("GET", "/train/")
+        if task["status"] not in ("SUBMITTED", "RUNNING"):
+            break
+        assert time.monotonic() < deadline, f"training not done after 180 s: {task}"
+        time.sleep(2)
+    details = "\n".join(task.get("details") or [])
+    assert task["status"] == "DONE", f"train task {task['status']}:\n{details}\n{_tail(server.log)}"
+    after = (model_pt.stat().st_mtime_ns, hashlib.sha256(model_pt.read_bytes()).hexdigest())
+    assert after[0] != before[0] and after[1] != before[1], f"model.pt not rewritten by training:\n{details}"
+    # the server picks up the new weights on the next request
+    _check_label(server.infer(server.test_image, tmp_path / "after.nii.gz"), server)
+    assert "Reload model from cache" in server.log.read_text(errors="replace"), "new model.pt was not reloaded"
+
+
+def test_overlay_sets_label_set(tmp_path):
+    """--overlay writes the overlay's classes into the copy's metadata + configs; --init-model fits the new head."""
+    bundle = _tiny_bundle(tmp_path / "bundle")
+    (tmp_path / "studies").mkdir()
+    cmd = ["bash", str(SCRIPT), str(tmp_path / "studies"), "--app", str(tmp_path / "app"), "--bundle", str(bundle),
+           "--overlay", str(REPO / "bundle" / "configs" / "synapse.json"), "--init-model", "--dry-run",
+           "--python", str(LABEL_PY)]
+    _run(cmd, tmp_path / "dry.log", tmp_path, timeout=180)
+    copy = tmp_path / "app" / "model" / MODEL / "configs"
+    overlay = json.loads((REPO / "bundle" / "configs" / "synapse.json").read_text())
+    meta = json.loads((copy / "metadata.json").read_text())
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert list(pred["channel_def"].values()) == overlay["class_names"] and pred["num_channels"] == 9
+    for name in ("inference.json", "train.json"):
+        cfg = json.loads((copy / name).read_text())
+        assert cfg["class_names"] == overlay["class_names"], name
+        assert cfg["intensity_transform"] == overlay["intensity_transform"], name
+        assert cfg["network_def"]["embed_dims"] == TINY_NET["embed_dims"], name  # the rest of the config is kept
+    assert json.loads((copy / "inference.json").read_text())["dataset_dir"] != overlay["dataset_dir"]
+    assert (copy.parent / "models" / "model.pt").is_file()
+    assert "start_server" in (tmp_path / "dry.log").read_text()
+    # the repo's bundle is untouched
+    assert json.loads((bundle / "configs" / "metadata.json").read_text()) != meta
