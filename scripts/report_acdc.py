@@ -44,12 +44,36 @@ def curve_from_log(log: str) -> list[dict]:
     return rows
 
 
+def _from_training_log(name: str, log: str) -> dict:
+    """Results of a run whose evaluation step failed: the best validation mean Dice of training (the
+    same protocol metric on the same volumes as the evaluation, without per-class values or HD95)."""
+    best = re.findall(r"Key metric: val_mean_dice best value: ([0-9.]+) at epoch: (\d+)", log)
+    stop = re.search(r"time budget of ([0-9.]+) min reached after epoch (\d+) \(([0-9.]+) min elapsed\)", log)
+    return {
+        "name": name,
+        "note": "evaluation step failed (evaluate.json added a FIAS-only key to peer networks; fixed since); "
+                "mean DSC is the best validation mean Dice logged during training (same protocol and volumes)",
+        "overlays": ["bundle/configs/train.json", "bundle/configs/acdc.json", f"bundle/configs/peers/{name}.json"],
+        "git_commit": "d85338fff4dda539805ae74d2353f5577713c738",
+        "gpu": "NVIDIA H100 80GB HBM3",
+        "train_wall_minutes_incl_caching": float(stop.group(3)) if stop else None,
+        "summary": [{"class_index": "all", "class_name": "mean", "dice": best[-1][0], "hd95": "",
+                     "best_epoch": best[-1][1]}] if best else [],
+        "val_history": [],
+    }
+
+
 def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs") -> None:
     runs_dir, out_dir = Path(runs), Path(out)
     (out_dir / "results").mkdir(parents=True, exist_ok=True)
     results = {}
-    for path in sorted(runs_dir.glob("*_results.json")):
-        r = json.loads(path.read_text())
+    for log_path in sorted(runs_dir.glob("*_log.txt")):
+        name = log_path.name[: -len("_log.txt")]
+        path = runs_dir / f"{name}_results.json"
+        if path.exists():
+            r = json.loads(path.read_text())
+        else:  # training finished but evaluation did not: keep what the training log measured
+            r = _from_training_log(name, log_path.read_text(errors="replace"))
         log = (runs_dir / f"{r['name']}_log.txt").read_text(errors="replace")
         curve = r["val_history"]
         if len(curve) < 2:  # written by a MetricHistoryHandler that missed repeated validations
@@ -66,10 +90,10 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs") -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, r in results.items():
         by = {row["class_name"]: row for row in r["summary"]}
-        pct = lambda c: f"{100 * float(by[c]['dice']):.2f}"  # noqa: E731
+        pct = lambda c: f"{100 * float(by[c]['dice']):.2f}" if c in by else "n/a"  # noqa: E731
+        hd = f"{float(by['mean']['hd95']):.2f}" if by.get("mean", {}).get("hd95") not in (None, "") else "n/a"
         print(f"| {NAMES.get(name, name)} | {pct('mean')} | {pct('RV')} | {pct('MYO')} | {pct('LV')} | "
-              f"{float(by['mean']['hd95']):.2f} | {r['epochs_trained']} | {r['train_wall_minutes_incl_caching']} | "
-              f"{r['gpu']} |")
+              f"{hd} | {r['epochs_trained']} | {r['train_wall_minutes_incl_caching']} | {r['gpu']} |")
         first90 = next((row["time_s"] for row in r["val_history"] if row["val_mean_dice"] >= 0.90), None)
         print(f"  {name}: first val mean Dice >= 0.90 at "
               f"{'%.1f min' % (first90 / 60) if first90 is not None else 'never'}; "
