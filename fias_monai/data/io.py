@@ -277,11 +277,15 @@ def squeeze_to_3d(array: np.ndarray, path: str | os.PathLike, what: str) -> np.n
 
 
 def check_finite_image(image: np.ndarray, path: str | os.PathLike) -> np.ndarray:
-    """Return ``image`` as float32 after checking it holds no NaN/Inf (they poison the loss silently)."""
+    """Return ``image`` as float32 after checking it holds no NaN/Inf (they poison the loss silently)
+    and is not constant (a blank or failed export)."""
     image = np.asarray(image, dtype=np.float32)
     bad = ~np.isfinite(image)
     if bad.any():
         raise InvalidCaseError(path, f"image contains {int(bad.sum())} NaN/Inf value(s)")
+    if image.size and image.min() == image.max():
+        raise InvalidCaseError(path, f"constant image: all {image.size} voxels equal {float(image.flat[0]):g} "
+                                     "(blank or failed export): nothing to segment")
     return image
 
 
