@@ -9,11 +9,12 @@ import logging
 import math
 import time
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
+
+from .utils import atomic_path
 
 __all__ = ["atomic_torch_save", "LastCheckpointHandler", "BestModelSaver", "ProgressBarHandler", "TimeBudgetHandler",
            "MetricHistoryHandler", "OverlayHandler"]
@@ -24,20 +25,9 @@ logger = logging.getLogger(__name__)
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a reader (or a
     crash) never sees a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def _is_main_process() -> bool:
@@ -262,10 +252,8 @@ class MetricHistoryHandler:
         self.rows.append(row)
         keys = list(dict.fromkeys(k for r in self.rows for k in r))
         text = ",".join(keys) + "\n" + "".join(",".join(str(r.get(k, "")) for k in keys) + "\n" for r in self.rows)
-        self.filename.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.filename.with_name(f".{self.filename.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.filename)
+        with atomic_path(self.filename) as tmp:
+            tmp.write_text(text)
 
 
 class OverlayHandler:

@@ -63,7 +63,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -78,6 +77,8 @@ from monai.handlers.ignite_metric import IgniteMetricHandler
 from monai.metrics import CumulativeIterationMetric, compute_dice, compute_hausdorff_distance
 from monai.metrics.utils import get_edge_surface_distance
 from monai.utils import IgniteInfo, min_version, optional_import
+
+from .utils import atomic_path
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
@@ -443,19 +444,8 @@ class ProtocolResults:
 # ----------------------------------------------------------------------------------------------
 def _atomic_write_text(path: str, text: str) -> None:
     """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="")
 
 
 def _fmt(v: float) -> str:

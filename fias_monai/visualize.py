@@ -20,7 +20,6 @@ uint8 and written atomically (temp file in the same folder, then ``os.replace``)
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,6 +27,8 @@ import numpy as np
 from skimage import io as skio
 from skimage.color import gray2rgb, label2rgb
 from skimage.segmentation import find_boundaries
+
+from .utils import atomic_path
 
 __all__ = [
     "DEFAULT_CLASS_COLORS",
@@ -171,17 +172,8 @@ def _to_uint8(rgb: np.ndarray) -> np.ndarray:
 
 
 def _imsave_atomic(path: str, rgb_uint8: np.ndarray) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:  # skimage picks the format from the extension
         skio.imsave(tmp, rgb_uint8, check_contrast=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _prepare(image: Any, label: Any, axis: int, window, rot90: int):

@@ -14,3 +14,27 @@ from .dilateformer import (
 )
 from .dmk import DMKBlock, DMKEncoder
 from .mixatt import DECODERS, ConvDecoderBlock, MixAttBlock, MonteCarloAttention, make_decoder_block
+
+__all__ = [
+    "FUSIONS",
+    "ContextAwareFusion",
+    "SumFusion",
+    "TransformerOnlyFusion",
+    "make_fusion",
+    "ATTENTION_IMPLS",
+    "DilateFormer",
+    "DilateFormerBlock",
+    "GlobalAttention",
+    "MultiScaleDilatedAttention",
+    "checkpoint_filter_fn",
+    "msda_gathered",
+    "msda_reference",
+    "msda_shifted",
+    "DMKBlock",
+    "DMKEncoder",
+    "DECODERS",
+    "ConvDecoderBlock",
+    "MixAttBlock",
+    "MonteCarloAttention",
+    "make_decoder_block",
+]

@@ -1,0 +1,35 @@
+# Copyright (c) fias-monai contributors. Licensed under the Apache License, Version 2.0.
+"""Small shared helpers."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["atomic_path"]
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s folder; on success it replaces ``path`` in one rename.
+
+    A reader, or a crash mid-write, never sees a half-written file; on failure the temporary file is
+    removed and ``path`` keeps its old content. ``suffix`` keeps the extension for writers that infer
+    the format from the name (e.g. ``.png``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:  # durable before the rename makes it visible
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
