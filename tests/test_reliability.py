@@ -159,7 +159,7 @@ def test_inference_missing_file_in_datalist(tiny_bundle, tmp_path):
     missing = tmp_path / "in" / "gone.nii.gz"
     with pytest.raises(InferenceError) as e:
         _infer(tiny_bundle, tmp_path / "in", tmp_path / "out",
-               datalist=[{"image": str(missing)}, {"image": str(good)}])
+               input_files=[{"image": str(missing)}, {"image": str(good)}])
     assert e.value.failures == [(str(missing), "file does not exist (or cannot be read)")]
     assert (tmp_path / "out" / "good_seg.nii.gz").is_file()
 
