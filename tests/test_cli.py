@@ -73,7 +73,7 @@ def _write_h5(path: Path, image: np.ndarray, label: np.ndarray) -> None:
         f.create_dataset("label", data=label)
 
 
-def _acdc_arrays(seed: int, shape=(3, 20, 24)):
+def _acdc_arrays(seed: int, shape=(3, 40, 36)):
     """(Z, H, W) float32 image in [0, 1] and a uint8 label with all 4 classes; H != W."""
     rng = np.random.default_rng(seed)
     image = rng.random(shape, dtype=np.float32)
@@ -212,10 +212,10 @@ def test_prepare_acdc_official(capsys, tmp_path):
     for pid, seed in ((1, 0), (19, 1), (3, 2), (120, 3)):  # train, validation, test, outside 1..100
         d = src / f"patient{pid:03d}"
         d.mkdir(parents=True)
-        image, label = _acdc_arrays(seed, shape=(20, 24, 3))
+        image, label = _acdc_arrays(seed, shape=(40, 36, 3))
         nib.save(nib.Nifti1Image(image * 300 + 20, affine), str(d / f"patient{pid:03d}_frame01.nii.gz"))
         nib.save(nib.Nifti1Image(label, affine), str(d / f"patient{pid:03d}_frame01_gt.nii.gz"))
-        nib.save(nib.Nifti1Image(np.zeros((20, 24, 3, 5), np.float32), affine), str(d / f"patient{pid:03d}_4d.nii.gz"))
+        nib.save(nib.Nifti1Image(np.zeros((40, 36, 3, 5), np.float32), affine), str(d / f"patient{pid:03d}_4d.nii.gz"))
     out = tmp_path / "out"
     rc, stdout, err = _cli(capsys, "prepare_acdc_official", tmp_path / "database", out)
     assert rc == 0, err
@@ -267,13 +267,13 @@ def test_prepare_synapse_slices_and_volumes(capsys, tmp_path):
     # case0005 (training): slices 8, 9, 10 written out of order -> stacked in numeric order
     slices = {}
     for idx in (10, 8, 9):
-        image = rng.random((16, 12), dtype=np.float32)
-        label = np.full((16, 12), idx % 9, dtype=np.uint8)
+        image = rng.random((40, 36), dtype=np.float32)
+        label = np.full((40, 36), idx % 9, dtype=np.uint8)
         slices[idx] = (image, label)
         _npz(src / "train_npz" / f"case0005_slice{idx:03d}.npz", image, label)
     # case0008 (a TransUNet test case) as an h5 volume (Z, H, W)
-    vol = rng.random((4, 16, 12), dtype=np.float32)
-    vlab = rng.integers(0, 9, size=(4, 16, 12), dtype=np.uint8)
+    vol = rng.random((4, 40, 36), dtype=np.float32)
+    vlab = rng.integers(0, 9, size=(4, 40, 36), dtype=np.uint8)
     _write_h5(src / "test_vol_h5" / "case0008.npy.h5", vol, vlab)
     out = tmp_path / "out"
     rc, stdout, err = _cli(capsys, "prepare_synapse", src, out)
@@ -284,7 +284,7 @@ def test_prepare_synapse_slices_and_volumes(capsys, tmp_path):
     (train,), (test,) = load_datalist(dl, "training"), load_datalist(dl, "test")
     img, aff, dtype = _read(train["image"])
     lab, _, lab_dtype = _read(train["label"])
-    assert img.shape == (16, 12, 3) and dtype == np.float32 and lab_dtype == np.uint8
+    assert img.shape == (40, 36, 3) and dtype == np.float32 and lab_dtype == np.uint8
     for z, idx in enumerate((8, 9, 10)):
         np.testing.assert_allclose(img[..., z], slices[idx][0] * 400 - 125, atol=1e-3)  # back to HU
         np.testing.assert_array_equal(lab[..., z], slices[idx][1])
@@ -301,9 +301,9 @@ def test_prepare_synapse_errors(capsys, tmp_path):
     _assert_clean_error(rc, err, "no *.npz")
     rng = np.random.default_rng(1)
     for idx in (0, 1, 3):  # slice 2 missing: stacking across the gap would be wrong geometry
-        _npz(src / f"train_gap_slice{idx}.npz", rng.random((8, 8), dtype=np.float32), np.zeros((8, 8), np.uint8))
-    _npz(src / "valid_hu_slice0.npz", rng.random((8, 8), dtype=np.float32) * 500, np.zeros((8, 8), np.uint8))
-    _npz(src / "train_ok_slice0.npz", rng.random((8, 8), dtype=np.float32), np.ones((8, 8), np.uint8))
+        _npz(src / f"train_gap_slice{idx}.npz", rng.random((32, 32), dtype=np.float32), np.zeros((32, 32), np.uint8))
+    _npz(src / "valid_hu_slice0.npz", rng.random((32, 32), dtype=np.float32) * 500, np.zeros((32, 32), np.uint8))
+    _npz(src / "train_ok_slice0.npz", rng.random((32, 32), dtype=np.float32), np.ones((32, 32), np.uint8))
     rc, _, err = _cli(capsys, "prepare_synapse", src, tmp_path / "out")
     _assert_clean_error(rc, err, "2 file(s) failed", "missing slice indices [2]", "valid_hu_slice0.npz",
                         "expected [0, 1]")
@@ -338,9 +338,9 @@ def test_prepare_btcv(capsys, tmp_path):
     affine = np.diag([0.8, 0.8, 2.5, 1.0])
     affine[:3, 3] = (-150.0, 20.0, -300.0)
     rng = np.random.default_rng(0)
-    btcv_label = np.arange(14, dtype=np.uint8).reshape(14, 1, 1).repeat(6, 1).repeat(3, 2)  # every BTCV id
+    btcv_label = np.arange(14, dtype=np.uint8).repeat(3).reshape(42, 1, 1).repeat(32, 1).repeat(3, 2)  # every BTCV id
     for num in (5, 2, 3):  # training, test (TransUNet test case), no label
-        nib.save(nib.Nifti1Image((rng.random((14, 6, 3)) * 1000 - 500).astype(np.float32), affine),
+        nib.save(nib.Nifti1Image((rng.random((42, 32, 3)) * 1000 - 500).astype(np.float32), affine),
                  str(root / "img" / f"img{num:04d}.nii.gz"))
         if num != 3:
             nib.save(nib.Nifti1Image(btcv_label, affine), str(root / "label" / f"label{num:04d}.nii.gz"))
@@ -354,7 +354,7 @@ def test_prepare_btcv(capsys, tmp_path):
     np.testing.assert_allclose(aff, affine, atol=1e-5)
     from fias_monai.data import BTCV_TO_SYNAPSE
 
-    np.testing.assert_array_equal(lab[:, 0, 0], [BTCV_TO_SYNAPSE[k] for k in range(14)])
+    np.testing.assert_array_equal(lab[::3, 0, 0], [BTCV_TO_SYNAPSE[k] for k in range(14)])
     # only the good cases, with --cases; an existing output needs --overwrite
     rc, _, err = _cli(capsys, "prepare_btcv", tmp_path, out, "--cases", "case0005")
     _assert_clean_error(rc, err, "refusing to overwrite")

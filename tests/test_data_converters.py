@@ -33,7 +33,7 @@ def _write_h5(path: Path, image: np.ndarray, label: np.ndarray) -> None:
         f.create_dataset("label", data=label)
 
 
-def _acdc_arrays(seed: int, shape=(4, 20, 24)):
+def _acdc_arrays(seed: int, shape=(4, 40, 36)):
     """(Z, H, W) image in [0, 1] and a label using all 4 classes; H != W so a transpose mix-up shows."""
     rng = np.random.default_rng(seed)
     image = rng.random(shape, dtype=np.float32)
@@ -105,7 +105,7 @@ def test_acdc_h5_layout_split_and_values(acdc_h5, tmp_path):
     assert Path(entry["image"]).is_absolute() and Path(entry["label"]).is_file()
     img, aff, dt = _read(entry["image"])
     lab, laff, ldt = _read(entry["label"])
-    assert img.shape == lab.shape == (20, 24, 4)  # (H, W, Z)
+    assert img.shape == lab.shape == (40, 36, 4)  # (H, W, Z)
     assert dt == np.float32 and ldt == np.uint8
     np.testing.assert_array_equal(aff, np.eye(4))
     np.testing.assert_array_equal(laff, np.eye(4))
@@ -187,7 +187,7 @@ def _official_patient(src: Path, pid: int, seed: int, affine: np.ndarray) -> tup
     d = src / f"patient{pid:03d}"
     d.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    image = rng.integers(10, 800, size=(18, 14, 5)).astype(np.int16)
+    image = rng.integers(10, 800, size=(36, 34, 5)).astype(np.int16)
     label = np.zeros(image.shape, dtype=np.uint8)
     label[2:6, 2:6, :] = 1
     label[8:12, 5:9, 1:4] = 2
@@ -248,7 +248,7 @@ def test_acdc_official_corrupt_and_missing_gt(tmp_path):
 # Synapse, TransUNet layout + flat npz folder
 
 
-def _synapse_slice(seed: int, shape=(16, 12)):
+def _synapse_slice(seed: int, shape=(40, 36)):
     rng = np.random.default_rng(seed)
     image = rng.random(shape, dtype=np.float32)
     image[0, 0], image[0, 1] = 0.0, 1.0  # window edges (-125 / 275 HU)
@@ -280,7 +280,7 @@ def test_synapse_transunet_hu_roundtrip_stacking_and_split(tmp_path):
 
     img, aff, dt = _read(out / "imagesTr" / "case0005.nii.gz")
     lab, _, ldt = _read(out / "labelsTr" / "case0005.nii.gz")
-    assert img.shape == lab.shape == (16, 12, 9) and dt == np.float32 and ldt == np.uint8
+    assert img.shape == lab.shape == (40, 36, 9) and dt == np.float32 and ldt == np.uint8
     np.testing.assert_array_equal(aff, np.eye(4))
     for z, idx in enumerate(range(2, 11)):  # sorted by slice index
         np.testing.assert_allclose(img[..., z], slices[idx][0] * 400 - 125, atol=1e-3)
@@ -289,7 +289,7 @@ def test_synapse_transunet_hu_roundtrip_stacking_and_split(tmp_path):
 
     timg, _, _ = _read(out / "imagesTs" / "case0001.nii.gz")
     tlab, _, _ = _read(out / "labelsTs" / "case0001.nii.gz")
-    assert timg.shape == (16, 12, 3)
+    assert timg.shape == (40, 36, 3)
     np.testing.assert_allclose(timg, vol_img.transpose(1, 2, 0) * 400 - 125, atol=1e-3)
     np.testing.assert_array_equal(tlab, vol_lab.transpose(1, 2, 0))
 
@@ -325,7 +325,7 @@ def test_synapse_flat_prefixes_and_errors(tmp_path):
     assert "corrupt" in failed["train_amos_0103_slice0001.npz"]
     doc = _datalist(out / "datalist.json")
     assert _names(doc, "training") == ["amos_0001"] and _names(doc, "validation") == ["amos_0013"]
-    assert _read(out / "imagesTr" / "amos_0001.nii.gz")[0].shape == (16, 12, 2)
+    assert _read(out / "imagesTr" / "amos_0001.nii.gz")[0].shape == (40, 36, 2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -337,7 +337,7 @@ def test_btcv_remap_affine_hu_and_split(tmp_path):
     (src / "img").mkdir(parents=True)
     (src / "label").mkdir()
     affine = np.array([[-0.7, 0, 0, 170.0], [0, -0.7, 0, 180.0], [0, 0, 3.0, -300.0], [0, 0, 0, 1]])
-    shape = (10, 8, 4)
+    shape = (34, 32, 4)
     hu = np.random.default_rng(0).integers(-1024, 1500, size=shape).astype(np.int16)
     label = np.zeros(shape, dtype=np.uint8)
     for organ in range(14):  # organ k at voxel (k % 10, k // 10, 1)

@@ -473,11 +473,9 @@ def test_prep_rejects_constant_image(acdc_prep):
     assert "constant image" in failures[str(paths["constant"][0])]
 
 
-@pytest.mark.xfail(strict=True, reason="data prep does not check the in-plane size yet (20x20 slices are "
-                   "converted; training and inference reject them with CheckVolumed)")
 def test_prep_rejects_tiny_images(acdc_prep):
     paths, failures, _ = acdc_prep
-    assert str(paths["tiny20"][0]) in failures
+    assert "slices are 20x20 pixels, smaller than the minimum 32x32" in failures[str(paths["tiny20"][0])]
 
 
 def test_prep_missing_listed_file_empty_folder_unwritable_output(tmp_path):

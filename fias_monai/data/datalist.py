@@ -201,6 +201,10 @@ def _case_paths(out_dir: Path, case: _Case) -> tuple[Path, Path]:
     return out_dir / img_dir / f"{case.name}.nii.gz", out_dir / lab_dir / f"{case.name}.nii.gz"
 
 
+#: Smallest in-plane size (pixels per side) a converted volume may have: FIAS's coarsest stride.
+MIN_INPLANE_SIZE = 32
+
+
 def _run_conversion(
     what: str,
     cases: Sequence[_Case],
@@ -252,6 +256,13 @@ def _run_conversion(
         except Exception as e:  # keep going: one odd file must not cost the other cases
             failures.append((str(case.source), f"{type(e).__name__}: {e}"))
             logger.warning("%s: skipping %s: %s", what, case.source, e)
+            continue
+        if min(image.shape[:2]) < MIN_INPLANE_SIZE:
+            h, w = image.shape[:2]
+            failures.append((str(case.source), f"slices are {h}x{w} pixels, smaller than the minimum "
+                             f"{MIN_INPLANE_SIZE}x{MIN_INPLANE_SIZE}: FIAS downsamples by 32, so this is not a "
+                             "scan to train on (thumbnail, localizer or wrong axis?)"))
+            logger.warning("%s: skipping %s: %dx%d slices", what, case.source, h, w)
             continue
         img_path, lab_path = _case_paths(out_dir, case)
         write_nifti_atomic(img_path, image.astype(np.float32, copy=False), affine, overwrite=overwrite)
