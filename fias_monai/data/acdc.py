@@ -24,12 +24,11 @@ import numpy as np
 
 from .datalist import _Case, _run_conversion
 from .io import (
-    InvalidCaseError,
     check_finite_image,
     check_label,
     check_same_shape,
-    read_h5_arrays,
     read_nifti,
+    read_zhw_h5_volume,
     squeeze_to_3d,
 )
 
@@ -82,16 +81,8 @@ def _find_volume_dir(src: Path) -> Path:
 
 
 def _load_h5_case(path: Path):
-    arrays = read_h5_arrays(path, ("image", "label"))
-    image, label = arrays["image"], arrays["label"]
-    if image.ndim != 3:
-        raise InvalidCaseError(path, f"'image' must be (Z, H, W), got shape {tuple(image.shape)}")
-    check_same_shape(image, label, path)
-    image = check_finite_image(image, path)
-    label = check_label(label, path, len(ACDC_LABELS))
-    # (Z, H, W) -> (H, W, Z): axial slices along the last axis, as MONAI's LoadImage yields for NIfTI.
     # Slice z of the output is exactly the SSL4MIS 2D training slice image[z].
-    return np.ascontiguousarray(image.transpose(1, 2, 0)), np.ascontiguousarray(label.transpose(1, 2, 0)), np.eye(4)
+    return read_zhw_h5_volume(path, len(ACDC_LABELS))
 
 
 def prepare_acdc_h5(

@@ -31,6 +31,7 @@ __all__ = [
     "read_npz_arrays",
     "read_nifti",
     "check_finite_image",
+    "read_zhw_h5_volume",
     "check_label",
     "check_same_shape",
     "squeeze_to_3d",
@@ -333,3 +334,25 @@ def labels_dict(names: Sequence[str] | Mapping[Any, str]) -> dict[str, str]:
             raise ValueError(f"label ids must be integers, got {k!r}") from None
         out[ik] = str(v)
     return {str(k): out[k] for k in sorted(out)}
+
+
+def read_zhw_h5_volume(path: Path, num_classes: int, intensity=check_finite_image):
+    """Read an h5 volume stored (Z, H, W) with keys ``image`` and ``label`` (SSL4MIS ACDC, TransUNet
+    Synapse), check it, and return (image, label, affine) as (H, W, Z) arrays with an identity affine:
+    axial slices along the last axis, as MONAI's LoadImage yields for NIfTI, so output slice z is the
+    source's 2D slice z.
+
+    Args:
+        path: the h5 file.
+        num_classes: labels must lie in [0, num_classes).
+        intensity: ``fn(image, path) -> image`` that checks (and may convert) the intensities.
+    """
+    arrays = read_h5_arrays(path, ("image", "label"))
+    image, label = arrays["image"], arrays["label"]
+    if image.ndim != 3:
+        raise InvalidCaseError(path, f"'image' must be (Z, H, W), got shape {tuple(image.shape)}")
+    check_same_shape(image, label, path)
+    image = intensity(image, path)
+    label = check_label(label, path, num_classes)
+    return np.ascontiguousarray(image.transpose(1, 2, 0)), np.ascontiguousarray(label.transpose(1, 2, 0)), np.eye(4)
+

@@ -32,9 +32,9 @@ from .io import (
     check_finite_image,
     check_label,
     check_same_shape,
-    read_h5_arrays,
     read_nifti,
     read_npz_arrays,
+    read_zhw_h5_volume,
     squeeze_to_3d,
 )
 
@@ -141,15 +141,8 @@ def _load_slices(case: str, slices: list[tuple[int, Path]]):
 
 
 def _load_h5_volume(path: Path):
-    a = read_h5_arrays(path, ("image", "label"))
-    image, label = a["image"], a["label"]
-    if image.ndim != 3:
-        raise InvalidCaseError(path, f"'image' must be (Z, H, W), got shape {tuple(image.shape)}")
-    check_same_shape(image, label, path)
-    image = _to_hu(image, path)
-    label = check_label(label, path, len(SYNAPSE_LABELS))
-    # (Z, H, W) -> (H, W, Z), as for the npz slices (slice z == the TransUNet 2D slice z).
-    return np.ascontiguousarray(image.transpose(1, 2, 0)), np.ascontiguousarray(label.transpose(1, 2, 0)), np.eye(4)
+    # Slice z of the output is the TransUNet 2D slice z, as for the npz slices.
+    return read_zhw_h5_volume(path, len(SYNAPSE_LABELS), intensity=_to_hu)
 
 
 def prepare_synapse_transunet(
