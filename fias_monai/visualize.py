@@ -191,30 +191,19 @@ def _prepare(image: Any, label: Any, axis: int, window, rot90: int):
     return img, lab, view
 
 
-def _hstack(panels: Sequence[np.ndarray], gap: int) -> np.ndarray:
+def _stack(tiles: Sequence[np.ndarray], gap: int, axis: int) -> np.ndarray:
+    """Concatenate RGB tiles along ``axis`` (1: side by side, 0: rows) with ``gap`` white pixels between."""
     if gap <= 0:
-        return np.concatenate(panels, axis=1)
-    h = panels[0].shape[0]
-    sep = np.ones((h, gap, 3), dtype=panels[0].dtype)
+        return np.concatenate(tiles, axis=axis)
+    shape = list(tiles[0].shape)
+    shape[axis] = gap
+    sep = np.ones(shape, dtype=tiles[0].dtype)
     out: list[np.ndarray] = []
-    for i, p in enumerate(panels):
+    for i, t in enumerate(tiles):
         if i:
             out.append(sep)
-        out.append(p)
-    return np.concatenate(out, axis=1)
-
-
-def _vstack(rows: Sequence[np.ndarray], gap: int) -> np.ndarray:
-    if gap <= 0:
-        return np.concatenate(rows, axis=0)
-    w = rows[0].shape[1]
-    sep = np.ones((gap, w, 3), dtype=rows[0].dtype)
-    out: list[np.ndarray] = []
-    for i, r in enumerate(rows):
-        if i:
-            out.append(sep)
-        out.append(r)
-    return np.concatenate(out, axis=0)
+        out.append(t)
+    return np.concatenate(out, axis=axis)
 
 
 def save_overlays(
@@ -266,7 +255,7 @@ def save_overlays(
             overlay_slice(gray, view(prd, i), class_colors, alpha, style),
         ]
         path = os.path.join(out_dir, f"{case_name}_slice{int(i):03d}.png")
-        _imsave_atomic(path, _to_uint8(_hstack(panels, gap)))
+        _imsave_atomic(path, _to_uint8(_stack(panels, gap, axis=1)))
         paths.append(path)
     return paths
 
@@ -313,6 +302,6 @@ def compare_panel(
         tiles = [gray2rgb(gray)] if show_image else []
         tiles.append(overlay_slice(gray, view(lab, int(i)), class_colors, alpha, style))
         tiles.extend(overlay_slice(gray, view(p, int(i)), class_colors, alpha, style) for p in pvols.values())
-        rows.append(_hstack(tiles, gap))
-    _imsave_atomic(out_path, _to_uint8(_vstack(rows, gap)))
+        rows.append(_stack(tiles, gap, axis=1))
+    _imsave_atomic(out_path, _to_uint8(_stack(rows, gap, axis=0)))
     return out_path
