@@ -17,7 +17,7 @@ from ignite.engine import Engine, Events
 from .utils import atomic_path
 
 __all__ = ["atomic_torch_save", "LastCheckpointHandler", "BestModelSaver", "ProgressBarHandler", "TimeBudgetHandler",
-           "MetricHistoryHandler", "OverlayHandler"]
+           "MetricHistoryHandler", "OverlayHandler", "ThroughputHandler"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class TimeBudgetHandler:
         self.budget_s = None if minutes is None else 60.0 * float(minutes)
         self.optimizer = optimizer
         self.min_lr_ratio = min_lr_ratio
-        self.base_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+        self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
         self.start = None
         self.epoch_start = None
 
@@ -208,7 +208,10 @@ class TimeBudgetHandler:
         frac = _from_rank0(min(1.0, self.elapsed() / self.budget_s))  # DDP: one lr on every rank
         scale = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * scale
+            if isinstance(group["lr"], torch.Tensor):  # a CUDA-graphed step reads this tensor: update in place
+                group["lr"].fill_(base * scale)
+            else:
+                group["lr"] = base * scale
 
     def _maybe_stop(self, engine: Engine) -> None:
         epoch_s = time.monotonic() - self.epoch_start
@@ -216,6 +219,54 @@ class TimeBudgetHandler:
             logger.info("time budget of %.1f min reached after epoch %d (%.1f min elapsed)",
                         self.budget_s / 60, engine.state.epoch, self.elapsed() / 60)
             engine.terminate()
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class ThroughputHandler:
+    """Training images per second of each epoch, all ranks together, into
+    ``engine.state.metrics["train_images_per_s"]`` (so :class:`MetricHistoryHandler` records it).
+
+    Counted from the epoch's first to its last completed iteration, so neither the loader start of the
+    epoch nor the validation after it is included; under DDP the per-rank count is multiplied by the
+    world size (DistributedSampler gives every rank the same number of batches).
+    """
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.first = None
+        self.last = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._count)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._record)
+
+    def _reset(self, engine: Engine) -> None:
+        self.images, self.first, self.last = 0, None, None
+
+    def _count(self, engine: Engine) -> None:
+        now = time.monotonic()
+        if self.first is None:  # the first batch opens the clock: its own images are not counted
+            self.first = now
+            return
+        self.last = now
+        self.images += _batch_len(engine.state.batch)
+
+    def _record(self, engine: Engine) -> None:
+        if self.last is not None and self.last > self.first:
+            rate = self.images * _world_size() / (self.last - self.first)
+            engine.state.metrics["train_images_per_s"] = rate
+            logger.info("epoch %d: %.1f training images/s", engine.state.epoch, rate)
+
+
+def _batch_len(batch) -> int:
+    if isinstance(batch, dict):
+        return len(next(iter(batch.values())))
+    return len(batch)  # decollated: one item per image
 
 
 class MetricHistoryHandler:
@@ -249,6 +300,8 @@ class MetricHistoryHandler:
         state = self.validator.state
         row = {"epoch": engine.state.epoch, "time_s": round(time.monotonic() - self.start, 2)}
         row.update({k: float(v) for k, v in state.metrics.items() if isinstance(v, (int, float))})
+        if "train_images_per_s" in engine.state.metrics:  # from ThroughputHandler, attached before this one
+            row["train_images_per_s"] = round(float(engine.state.metrics["train_images_per_s"]), 1)
         self.rows.append(row)
         keys = list(dict.fromkeys(k for r in self.rows for k in r))
         text = ",".join(keys) + "\n" + "".join(",".join(str(r.get(k, "")) for k in keys) + "\n" for r in self.rows)

@@ -31,7 +31,7 @@ def _ts(text: str) -> datetime:
 def curve_from_log(log: str) -> list[dict]:
     """(seconds since the trainer started, val mean Dice) for every validation in a training log."""
     train_part = log.split("$ ")[1] if "$ " in log else log
-    start = re.search(_TS + r" - ignite\.engine\.engine\.SupervisedTrainer - INFO - Engine run (?:resuming|starting)",
+    start = re.search(_TS + r" - ignite\.engine\.engine\.\w*SupervisedTrainer - INFO - Engine run (?:resuming|starting)",
                       train_part)
     if not start:
         return []

@@ -9,6 +9,7 @@ from fias_monai.handlers import (
     BestModelSaver,
     LastCheckpointHandler,
     MetricHistoryHandler,
+    ThroughputHandler,
     TimeBudgetHandler,
     atomic_torch_save,
 )
@@ -115,3 +116,16 @@ def test_atomic_save_leaves_no_partial_file(tmp_path):
         atomic_torch_save({"bad": lambda: None}, target)  # unpicklable: the save fails midway
     assert torch.equal(torch.load(target)["a"], torch.ones(2))  # old checkpoint intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temp left behind
+
+
+def test_throughput_counts_images_between_first_and_last_iteration(monkeypatch):
+    clock = iter(range(0, 1000, 2))  # every iteration completes 2 s after the previous one
+    monkeypatch.setattr("fias_monai.handlers.time.monotonic", lambda: float(next(clock)))
+    trainer = Engine(lambda e, b: None)
+    ThroughputHandler().attach(trainer)
+    history = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: history.append(e.state.metrics["train_images_per_s"]))
+    batches = [{"image": torch.zeros(4, 1, 8, 8)} for _ in range(6)]
+    trainer.run(batches, max_epochs=2)
+    # 5 batches of 4 images after the first one, in 5 * 2 s
+    assert history == [pytest.approx(2.0), pytest.approx(2.0)]
