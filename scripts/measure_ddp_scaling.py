@@ -57,14 +57,14 @@ def _run(gpus: int, epochs: int, overlays: list[str], overrides: dict, workdir: 
     }
 
 
-def main(gpus: str = "1,2", epochs: int = 12, overlays: str = "bundle/configs/acdc.json",
+def main(gpus: str | tuple = "1,2", epochs: int = 12, overlays: str = "bundle/configs/acdc.json",
          overrides: dict | None = None, workdir: str = "/tmp/ddp_runs", out: str = "results") -> None:
     import torch
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = out_dir / "ddp_scaling_log.txt"
-    counts = [int(g) for g in str(gpus).split(",")]
+    counts = [int(g) for g in (gpus if isinstance(gpus, (list, tuple)) else str(gpus).split(","))]
     runs = [_run(g, epochs, [o for o in overlays.split(",") if o], overrides or {}, Path(workdir), log) for g in counts]
     base = runs[0]
     for r in runs:
