@@ -260,7 +260,8 @@ class ThroughputHandler:
         if self.last is not None and self.last > self.first:
             rate = self.images * _world_size() / (self.last - self.first)
             engine.state.metrics["train_images_per_s"] = rate
-            logger.info("epoch %d: %.1f training images/s", engine.state.epoch, rate)
+            if _is_main_process():
+                logger.info("epoch %d: %.1f training images/s", engine.state.epoch, rate)
 
 
 def _batch_len(batch) -> int:

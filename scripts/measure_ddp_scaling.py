@@ -27,11 +27,18 @@ from pathlib import Path
 import fire
 
 
-def _run(gpus: int, epochs: int, overlays: list[str], overrides: dict, workdir: Path, log: Path) -> dict:
+def _run(gpus: int, epochs: int, overlays: list[str], overrides: dict, workdir: Path, log: Path,
+         scale_lr: bool = False) -> dict:
     bundle_root = workdir / f"gpus{gpus}" / "bundle"
     (bundle_root / "models").mkdir(parents=True, exist_ok=True)
     configs = ["bundle/configs/train.json", "bundle/configs/multi_gpu_train.json", *overlays]
     args = {"bundle_root": str(bundle_root), "epochs": epochs, **overrides}
+    if scale_lr:  # linear scaling rule: the effective batch grows with the GPU count
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(configs)
+        args["learning_rate"] = float(args.get("learning_rate", parser["learning_rate"])) * gpus
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc_per_node={gpus}",
            "-m", "monai.bundle", "run", "training", "--config_file", str(configs)]
     cmd += [a for k, v in args.items() for a in (f"--{k}", "None" if v is None else str(v))]
@@ -47,6 +54,7 @@ def _run(gpus: int, epochs: int, overlays: list[str], overrides: dict, workdir: 
     rates = [float(r["train_images_per_s"]) for r in history[1:] if r.get("train_images_per_s")]
     return {
         "gpus": gpus,
+        "learning_rate": args.get("learning_rate", "config default"),
         "epochs": epochs,
         "command": " ".join(cmd),
         "wall_s_incl_startup": round(wall, 1),
@@ -58,25 +66,30 @@ def _run(gpus: int, epochs: int, overlays: list[str], overrides: dict, workdir: 
 
 
 def main(gpus: str | tuple = "1,2", epochs: int = 12, overlays: str = "bundle/configs/acdc.json",
-         overrides: dict | None = None, workdir: str = "/tmp/ddp_runs", out: str = "results") -> None:
+         overrides: dict | None = None, workdir: str = "/tmp/ddp_runs", out: str = "results",
+         scale_lr: bool = False, name: str = "ddp_scaling") -> None:
     import torch
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    log = out_dir / "ddp_scaling_log.txt"
+    log = out_dir / f"{name}_log.txt"
     counts = [int(g) for g in (gpus if isinstance(gpus, (list, tuple)) else str(gpus).split(","))]
-    runs = [_run(g, epochs, [o for o in overlays.split(",") if o], overrides or {}, Path(workdir), log) for g in counts]
-    base = runs[0]
-    for r in runs:
-        r["speedup_vs_first"] = round(r["train_images_per_s_median"] / base["train_images_per_s_median"], 3)
-        r["dice_diff_points_vs_first"] = round(100 * (r["val_mean_dice_last"] - base["val_mean_dice_last"]), 2)
     result = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "gpu_count_visible": torch.cuda.device_count(), "torch": torch.__version__,
-              "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"), "runs": runs}
-    (out_dir / "ddp_scaling.json").write_text(json.dumps(result, indent=1))
+              "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"), "scale_lr": scale_lr, "runs": []}
+    runs = result["runs"]
+    for g in counts:  # the JSON is rewritten after each run, so a cut-off call keeps the finished ones
+        runs.append(_run(g, epochs, [o for o in overlays.split(",") if o], overrides or {}, Path(workdir) / name,
+                         log, scale_lr))
+        base = runs[0]
+        for r in runs:
+            if r["train_images_per_s_median"] and base["train_images_per_s_median"]:
+                r["speedup_vs_first"] = round(r["train_images_per_s_median"] / base["train_images_per_s_median"], 3)
+            r["dice_diff_points_vs_first"] = round(100 * (r["val_mean_dice_last"] - base["val_mean_dice_last"]), 2)
+        (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
     print(f"{'GPUs':>4} {'images/s':>9} {'speed-up':>8} {'val Dice (last)':>15} {'diff (pts)':>10}")
     for r in runs:
-        print(f"{r['gpus']:>4} {r['train_images_per_s_median']:>9} {r['speedup_vs_first']:>8} "
+        print(f"{r['gpus']:>4} {r['train_images_per_s_median']!s:>9} {r.get('speedup_vs_first')!s:>8} "
               f"{r['val_mean_dice_last']:>15.4f} {r['dice_diff_points_vs_first']:>10}")
 
 
