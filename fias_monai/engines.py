@@ -6,7 +6,7 @@ the GPU running them (profile: 61 ms of GPU work in a 137 ms step). Capturing fo
 and the optimizer step once and replaying the graph removes the per-kernel launch cost (benchmark:
 138 -> 289 images/s at batch 16). The trainer is a drop-in ``SupervisedTrainer``: same arguments,
 same events, same ``engine.state.output`` keys, and it falls back to the eager step whenever a graph
-cannot hold the step (CPU, gradient accumulation, float16 loss scaling, a batch of another shape).
+cannot hold the step (CPU, DDP, gradient accumulation, float16 loss scaling, a batch of another shape).
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ def graph_unsupported_reason(trainer: SupervisedTrainer) -> str | None:
     """Why ``trainer``'s step cannot be captured in a CUDA graph (None when it can)."""
     if trainer.state.device is None or torch.device(trainer.state.device).type != "cuda":
         return "the device is not CUDA"
+    if isinstance(trainer.network, torch.nn.parallel.DistributedDataParallel):
+        # measured on 2 H100s (torch 2.11): capture after 11 eager DDP iterations fails (DDP's AccumulateGrad
+        # hooks live on the stream DDP was built on), so each rank takes the eager step
+        return "DistributedDataParallel's gradient hooks do not capture"
     if trainer.accumulation_steps > 1:
         return "gradient accumulation steps the optimizer only every few iterations"
     if trainer.amp and trainer.amp_kwargs.get("dtype", torch.float16) == torch.float16:
@@ -49,12 +53,11 @@ class GraphedSupervisedTrainer(SupervisedTrainer):
             the capture; they initialise the optimizer state and let cuDNN choose its algorithms.
         **kwargs: as :class:`monai.engines.SupervisedTrainer`.
 
-    Requirements for the graph (else the eager step runs, and the log says why): a CUDA device,
-    ``accumulation_steps == 1``, bfloat16 or no autocast, an optimizer with ``capturable=True``
+    Requirements for the graph (else the eager step runs, and the log says why): a CUDA device, no DDP
+    wrapper, ``accumulation_steps == 1``, bfloat16 or no autocast, an optimizer with ``capturable=True``
     (e.g. ``torch.optim.Adam(..., fused=True, capturable=True)``) and the same batch shape every
     iteration (``drop_last=True``); random ops (dropout, DropPath, the Monte Carlo attention draw) get
-    fresh numbers on every replay. Under DistributedDataParallel the gradient all-reduce is captured too
-    (NCCL in graphs), after at least 11 eager iterations. Each param group's ``lr`` becomes a one-element device tensor at
+    fresh numbers on every replay. A capture that fails raises an error that names ``--cuda_graph False``. Each param group's ``lr`` becomes a one-element device tensor at
     capture so that schedulers, which update a tensor ``lr`` in place, still act on the replayed step.
 
     Differences from the eager step: the ``FORWARD_COMPLETED``, ``LOSS_COMPLETED`` and
@@ -81,10 +84,6 @@ class GraphedSupervisedTrainer(SupervisedTrainer):
         reason = graph_unsupported_reason(self)
         if reason is None:
             self._use_graph = True
-            if isinstance(self.network, torch.nn.parallel.DistributedDataParallel):
-                # DDP settles its gradient buckets during the first iterations: capture after 11 eager
-                # ones (PyTorch's CUDA-graph notes); the all-reduce is then part of the graph
-                self.warmup_iterations = max(self.warmup_iterations, 11)
             logger.info("training step: CUDA graph (captured after %d eager iterations)", self.warmup_iterations)
         else:
             logger.info("training step: eager (no CUDA graph: %s)", reason)
@@ -147,9 +146,11 @@ class GraphedSupervisedTrainer(SupervisedTrainer):
             if self._warmed >= self.warmup_iterations:
                 try:
                     self._capture(inputs, targets)
-                except RuntimeError as e:  # e.g. an op that syncs with the host: keep training, eagerly
-                    logger.warning("CUDA graph capture failed, eager step from now on: %s", e)
-                    self._graph, self._static, self._use_graph = None, {}, False
+                except RuntimeError as e:
+                    # a failed capture leaves the CUDA RNG and allocator mid-capture: no eager retry in this
+                    # process (measured: it fails with "Offset increment outside graph capture")
+                    raise RuntimeError(f"CUDA graph capture of the training step failed ({e}); train with "
+                                       "--cuda_graph False to use the eager step") from e
         else:
             self._static[Keys.IMAGE].copy_(inputs, non_blocking=True)
             self._static[Keys.LABEL].copy_(targets, non_blocking=True)

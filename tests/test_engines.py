@@ -65,6 +65,9 @@ def test_reasons_a_graph_cannot_hold_the_step():
     fp16 = GraphedSupervisedTrainer(device=cuda, optimizer=capt, amp=True, **kwargs)
     assert "float16" in graph_unsupported_reason(fp16)
     assert graph_unsupported_reason(GraphedSupervisedTrainer(device=cuda, optimizer=capt, **kwargs)) is None
+    ddp = GraphedSupervisedTrainer(device=cuda, optimizer=capt, **kwargs)
+    ddp.network = torch.nn.parallel.DistributedDataParallel.__new__(torch.nn.parallel.DistributedDataParallel)
+    assert "DistributedDataParallel" in graph_unsupported_reason(ddp)
 
 
 def test_time_budget_updates_a_tensor_lr_in_place():
