@@ -302,6 +302,23 @@ def test_check_volume_names_file_and_problem(case):
     assert isinstance(e.value, ValueError)
 
 
+@pytest.mark.parametrize("values, expect", [
+    ({(0, 1, 2, 3): np.inf}, "0 NaN and 1 Inf voxel"),
+    ({(0, 1, 2, 3): -np.inf, (0, 60, 2, 0): -np.inf}, "0 NaN and 2 Inf voxel"),
+    ({(0, 9, 9, 3): np.nan}, "1 NaN and 0 Inf voxel"),
+], ids=["inf", "neg_inf_x2", "nan"])
+def test_check_volume_counts_nan_inf_whatever_the_extremes(values, expect):
+    """The one-pass min/max that clears a finite volume must still send every NaN/Inf case to the count."""
+    img = _image(0)[None]
+    for idx, v in values.items():
+        img[idx] = v
+    with pytest.raises(InvalidCaseError, match=expect):
+        CheckVolumed(keys="image")({"image": _meta_image(img)})
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        with pytest.raises(InvalidCaseError, match=expect):
+            CheckVolumed(keys="image")({"image": _meta_image(torch.as_tensor(img).to(dtype))})
+
+
 def test_check_volume_passes_good_data_and_uses_the_ras_inplane_axes():
     img = _meta_image(_image(0)[None])
     out = CheckVolumed(keys="image")({"image": img})
