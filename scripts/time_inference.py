@@ -446,13 +446,21 @@ def _run_in_process(config_files: list[str], overrides: dict, bundle_root: Path,
         breakdown = {"input": breakdown_input.name, "num_workers": 0, "timings": rec, "transforms_s": steps,
                      "savers": [type(s).__name__ for s in savers]}
 
+    try:  # how many DataLoader workers one call over one volume starts
+        from fias_monai.inference import loader_workers
+
+        workers_one_volume = loader_workers(loader.num_workers, 1)
+    except ImportError:  # before the change that reads a single volume in-process
+        workers_one_volume = loader.num_workers
     config = {
         "num_workers": loader.num_workers,
+        "loader_workers_one_volume": workers_one_volume,
         "infer_batch_size": p.get_parsed_content("infer_batch_size"),
         "image_size": p.get_parsed_content("image_size"),
         "amp": bool(p.get_parsed_content("amp")),
         "num_classes": num_classes,
         "variant": p.get_parsed_content("variant"),
+        "network_class": type(network).__name__,
         "network_parameters": sum(x.numel() for x in network.parameters()),
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "cudnn_deterministic": torch.backends.cudnn.deterministic,
@@ -503,6 +511,11 @@ def _table(result: dict) -> str:
     lines = [f"device: {dev}; torch {env['torch']}, CUDA {env['cuda']}, MONAI {env['monai']}",
              f"volume: {'x'.join(map(str, result['volume']['shape']))} int16 {result['volume']['axcodes']}, "
              f"configs: {', '.join(Path(c).name for c in result['config_files'])}",
+             f"network: {result['config']['network_class']} {result['config']['variant']} ({result['config']['network_parameters'] / 1e6:.1f} M parameters, "
+             f"{result['config']['num_classes']} classes), infer_batch_size {result['config']['infer_batch_size']}, "
+             f"amp {result['config']['amp']}, num_workers {result['config']['num_workers']} "
+             f"({result['config']['loader_workers_one_volume']} started for one volume); "
+             f"setup: network build {result['setup_s']['build_network']:.2f} s",
              "",
              f"{'volume':<14}{'e2e s':>8}{'network s':>11}{'net GPU s':>11}{'load+pre s':>12}{'inferer s':>11}"
              f"{'post+save s':>13}",
@@ -555,6 +568,9 @@ def main(out: str | None = None, size: int = 512, slices: int = 100, copies: int
     """
     import torch
 
+    from fias_monai.transforms import as_bool
+
+    cli, breakdown = as_bool(cli, "cli"), as_bool(breakdown, "breakdown")  # fire passes "false" as a string
     overrides = dict(overrides or {})
     for key in ("bundle_root", "dataset_dir", "output_dir"):
         if key in overrides:
