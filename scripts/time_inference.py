@@ -20,9 +20,9 @@ What it does:
    workflow's ``run`` once per volume (the datalist narrowed to that volume), so each timing is what a
    one-scan call costs once the process is up:
 
-   * ``e2e_s``: ``ConfigWorkflow.run()`` wall clock, synchronised: input checks, DataLoader (worker
-     start, read, preprocess, collate), transfer, SliceInferer, argmax, inversion to the scan's grid,
-     save;
+   * ``e2e_s``: ``ConfigWorkflow.run()`` wall clock, synchronised: input checks, DataLoader (read,
+     preprocess, collate; plus a worker's start and join where the bundle starts one), transfer,
+     SliceInferer, argmax, inversion to the scan's grid, save;
    * ``network_s``: summed wall time of the network's forward calls (a forward pre-hook and a forward
      hook that synchronise CUDA), over SliceInferer's batches; ``network_gpu_s``: the same spans in CUDA
      events;
@@ -31,6 +31,8 @@ What it does:
 
    The first volume is reported apart (cold: CUDA kernels' first use, weight loading, allocator
    warm-up); the others give the warm median, which is compared with the targets.
+   Then the same volumes in one call (``folder``): what a folder of scans costs per scan, with the
+   loader workers reading the next scan while the current one is segmented.
 3. A breakdown pass on one more (warm) volume with the DataLoader in the main process
    (``num_workers`` 0), every pre/post transform timed (``Invertd``'s inverses of ``Resized`` and
    ``Orientationd`` separately).
@@ -39,7 +41,9 @@ What it does:
 
 Writes a JSON (device, torch/CUDA/MONAI versions, sizes, per-volume timings, medians, targets,
 pass/fail) to ``--out`` and prints a table. Runs on CPU too (the numbers then say nothing about the
-target); ``--size 128 --slices 10`` for a quick check.
+target); ``--size 128 --slices 10`` for a quick check. To profile the pipeline around the network on
+CPU, swap in a 1x1 convolution: ``--overrides '{"network_def": {"_target_": "torch.nn.Conv2d",
+"in_channels": 1, "out_channels": "@num_classes", "kernel_size": 1}}'``.
 
     PYTHONPATH=. python scripts/time_inference.py --out time_inference_h100.json
 
@@ -47,12 +51,13 @@ Options: ``--size 512 --slices 100 --copies 3 --overlays bundle/configs/synapse.
 ``""`` for none), ``--overrides '{"infer_batch_size": 128}'`` (bundle config overrides, applied to the
 in-process runs, the checkpoint's network and the CLI run alike), ``--bundle_root DIR`` (a trained
 ``models/model.pt``), ``--work_dir DIR`` (keep the inputs and outputs there), ``--cli false``,
-``--breakdown false``.
+``--breakdown false``, ``--folder false``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -368,7 +373,7 @@ def _check_output(src: Path, seg_path: Path, num_classes: int) -> dict:
 
 
 def _run_in_process(config_files: list[str], overrides: dict, bundle_root: Path, inputs: list[Path],
-                    in_dir: Path, out_dir: Path, breakdown_input: Path | None) -> dict:
+                    in_dir: Path, out_dir: Path, breakdown_input: Path | None, folder_run: bool = True) -> dict:
     import torch
     from monai.bundle import ConfigWorkflow
 
@@ -428,7 +433,37 @@ def _run_in_process(config_files: list[str], overrides: dict, bundle_root: Path,
         rec = one(src)
         rec["cold"] = i == 0
         volumes.append(rec)
-        print(f"  volume {i} ({'cold' if i == 0 else 'warm'}): e2e {rec['e2e_s']:.3f} s, network {rec['network_s']:.3f} s",
+        print(f"  volume {i} ({'cold' if i == 0 else 'warm'}): e2e {rec['e2e_s']:.3f} s, "
+              f"network {rec['network_s']:.3f} s", flush=True)
+
+    savers = [t for t in _flat(post) if isinstance(t, SafeSaveImaged)]
+    folder = None
+    if folder_run and len(inputs) > 1:  # all the volumes in one call: the loader workers read ahead
+        dataset.data = [by_name[src.name] for src in inputs]
+        overwrite = [s.overwrite for s in savers]
+        for s in savers:
+            s.overwrite = True  # the per-volume runs wrote these outputs already
+        net_timer.reset()
+        _sync(device)
+        t_start = time.perf_counter()
+        try:
+            wf.run()
+        except InferenceError as e:
+            raise RuntimeError(f"inference failed: {e}") from None
+        finally:
+            for s, o in zip(savers, overwrite):
+                s.overwrite = o
+        _sync(device)
+        total = time.perf_counter() - t_start
+        try:
+            from fias_monai.inference import loader_workers
+
+            started = loader_workers(loader.num_workers, len(inputs))
+        except ImportError:
+            started = loader.num_workers
+        folder = {"volumes": len(inputs), "total_s": _r(total), "per_volume_s": _r(total / len(inputs)),
+                  "network_s": _r(sum(net_timer.wall)), "loader_workers": started}
+        print(f"  folder of {len(inputs)} volumes in one call: {total:.3f} s ({total / len(inputs):.3f} s per volume)",
               flush=True)
 
     breakdown = None
@@ -436,7 +471,6 @@ def _run_in_process(config_files: list[str], overrides: dict, bundle_root: Path,
         records: dict[str, float] = defaultdict(float)
         workers = loader.num_workers
         loader.num_workers = 0  # transforms in this process, so they can be timed
-        savers = [t for t in _flat(post) if isinstance(t, SafeSaveImaged)]
         try:
             with _timed_transforms([(_flat(pre), device), (_flat(post), device)], records):
                 rec = one(breakdown_input)
@@ -468,11 +502,8 @@ def _run_in_process(config_files: list[str], overrides: dict, bundle_root: Path,
     env = _environment(device)
     net_timer.remove()
     wf.finalize()
-    del wf, evaluator, network
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return {"setup_s": {"initialize": _r(t_init), "build_network": _r(t_build)}, "volumes": volumes,
-            "breakdown": breakdown, "config": config, "environment": env}
+            "folder": folder, "breakdown": breakdown, "config": config, "environment": env}
 
 
 def _cli_overrides(overrides: dict) -> list[str]:
@@ -506,15 +537,15 @@ def _run_cli(config_files: list[str], overrides: dict, bundle_root: Path, in_dir
 
 
 def _table(result: dict) -> str:
-    env, vols = result["environment"], result["volumes"]
+    env, vols, cfg = result["environment"], result["volumes"], result["config"]
+    net = cfg["network_class"] + (f"-{cfg['variant']}" if cfg["network_class"] == "FIAS" else "")
     dev = env["gpu"] or f"CPU ({env['cpu']}, {env['torch_threads']} threads)"
     lines = [f"device: {dev}; torch {env['torch']}, CUDA {env['cuda']}, MONAI {env['monai']}",
              f"volume: {'x'.join(map(str, result['volume']['shape']))} int16 {result['volume']['axcodes']}, "
              f"configs: {', '.join(Path(c).name for c in result['config_files'])}",
-             f"network: {result['config']['network_class']} {result['config']['variant']} ({result['config']['network_parameters'] / 1e6:.1f} M parameters, "
-             f"{result['config']['num_classes']} classes), infer_batch_size {result['config']['infer_batch_size']}, "
-             f"amp {result['config']['amp']}, num_workers {result['config']['num_workers']} "
-             f"({result['config']['loader_workers_one_volume']} started for one volume); "
+             f"network: {net} ({cfg['network_parameters'] / 1e6:.1f} M parameters, {cfg['num_classes']} classes), "
+             f"infer_batch_size {cfg['infer_batch_size']}, amp {cfg['amp']}, num_workers {cfg['num_workers']} "
+             f"({cfg['loader_workers_one_volume']} started for one volume); "
              f"setup: network build {result['setup_s']['build_network']:.2f} s",
              "",
              f"{'volume':<14}{'e2e s':>8}{'network s':>11}{'net GPU s':>11}{'load+pre s':>12}{'inferer s':>11}"
@@ -530,6 +561,10 @@ def _table(result: dict) -> str:
         lines.append(row(f"{i} ({'cold' if v['cold'] else 'warm'})", v))
     if result["warm_median"]:
         lines.append(row("warm median", result["warm_median"]))
+    if result.get("folder"):
+        f = result["folder"]
+        lines.append(f"folder of {f['volumes']} in one call ({f['loader_workers']} loader workers): "
+                     f"{f['total_s']:.3f} s, {f['per_volume_s']:.3f} s per volume, network {f['network_s']:.3f} s in all")
     if result.get("breakdown"):
         b = result["breakdown"]
         lines += ["", f"breakdown (one warm volume, DataLoader in-process): e2e {b['timings']['e2e_s']:.3f} s, "
@@ -549,7 +584,7 @@ def _table(result: dict) -> str:
 def main(out: str | None = None, size: int = 512, slices: int = 100, copies: int = 3,
          overlays: str = "bundle/configs/synapse.json", overrides: dict | None = None,
          bundle_root: str | None = None, work_dir: str | None = None, axcodes: str = "LPS",
-         spacing: tuple = (0.8, 0.8, 2.5), cli: bool = True, breakdown: bool = True) -> dict:
+         spacing: tuple = (0.8, 0.8, 2.5), cli: bool = True, breakdown: bool = True, folder: bool = True) -> dict:
     """Time the inference workflow; see the module docstring.
 
     Args:
@@ -565,12 +600,14 @@ def main(out: str | None = None, size: int = 512, slices: int = 100, copies: int
         spacing: voxel spacing in mm.
         cli: also time ``python -m monai.bundle run`` on one volume in a subprocess.
         breakdown: also time every transform on one more volume (DataLoader in-process).
+        folder: also time the ``copies`` volumes in one call (loader workers reading ahead).
     """
     import torch
 
     from fias_monai.transforms import as_bool
 
-    cli, breakdown = as_bool(cli, "cli"), as_bool(breakdown, "breakdown")  # fire passes "false" as a string
+    # fire passes "false" as a string
+    cli, breakdown, folder = as_bool(cli, "cli"), as_bool(breakdown, "breakdown"), as_bool(folder, "folder")
     overrides = dict(overrides or {})
     for key in ("bundle_root", "dataset_dir", "output_dir"):
         if key in overrides:
@@ -611,7 +648,7 @@ def main(out: str | None = None, size: int = 512, slices: int = 100, copies: int
 
         print("in-process runs (ConfigWorkflow):", flush=True)
         res = _run_in_process(config_files, overrides, root, inputs[:copies], in_dir, tmp / "out",
-                              inputs[copies] if breakdown else None)
+                              inputs[copies] if breakdown else None, folder)
         vols = res["volumes"]
         warm = [v for v in vols if not v["cold"]] or vols
         keys = ("e2e_s", "network_s", "network_gpu_s", "load_preprocess_s", "inferer_s", "postprocess_save_s",
@@ -631,8 +668,12 @@ def main(out: str | None = None, size: int = 512, slices: int = 100, copies: int
             "volumes": vols,
             "cold": vols[0],
             "warm_median": warm_median,
+            "folder": res["folder"],
             "breakdown": res["breakdown"],
         }
+        gc.collect()  # the in-process workflow (network, engine) is gone: free its GPU memory for the CLI run
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         if cli:
             print("CLI run (subprocess):", flush=True)
             result["cli"] = _run_cli(config_files, overrides, root, single_dir, tmp / "out_cli")
