@@ -399,3 +399,36 @@ def test_inference_leaves_its_inputs_alone(inferred):
     assert sorted(p.name for p in out.iterdir()) == sorted(
         n.replace(".nii.gz", "_seg.nii.gz") for n in hashes
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# scripts/time_inference.py (CPU, small volume, stand-in network)
+
+
+def test_time_inference_script_runs_the_bundle_and_checks_geometry(tmp_path, restore_logging):
+    """The timing script end to end at a small size: every volume timed, outputs with the input's shape and
+    affine, network calls counted over SliceInferer's batches, the transforms of the breakdown listed, the
+    CLI run timed, the JSON written."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("time_inference", REPO / "scripts" / "time_inference.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    conv = {"_target_": "torch.nn.Conv2d", "in_channels": 1, "out_channels": "@num_classes", "kernel_size": 1}
+    out = tmp_path / "timing.json"
+    res = mod.main(out=str(out), size=64, slices=5, copies=2, overrides={"network_def": conv, "image_size": [64, 64],
+                   "infer_batch_size": 2}, work_dir=str(tmp_path / "work"), cli="true")
+    assert json.loads(out.read_text())["volumes"] == res["volumes"]
+    assert [v["cold"] for v in res["volumes"]] == [True, False] and res["outputs_ok"]
+    for v in res["volumes"] + [res["breakdown"]["timings"]]:
+        assert v["network_calls"] == 3  # 5 slices in batches of 2
+        assert v["check"]["shape"] == [64, 64, 5] and v["check"]["affine_max_abs_diff"] == 0.0
+        assert 0 < v["network_s"] <= v["inferer_s"] < v["e2e_s"]
+    assert res["config"]["num_classes"] == 9 and res["config"]["loader_workers_one_volume"] == 0
+    assert res["folder"]["volumes"] == 2 and res["folder"]["loader_workers"] == 1
+    assert {"LoadImaged", "Orientationd", "ScaleIntensityRanged", "Resized", "Invertd", "SafeSaveImaged",
+            "  Resized.inverse (in Invertd)"} <= set(res["breakdown"]["transforms_s"])
+    assert res["cli"]["returncode"] == 0 and res["cli"]["wall_s"] > 0
+    assert (tmp_path / "work" / "out_cli" / "ct_cli_seg.nii.gz").is_file()
+    assert "".join(nib.aff2axcodes(nib.load(str(tmp_path / "work" / "in" / "ct_000.nii.gz")).affine)) == "LPS"
+    assert res["targets"]["counts"] is torch.cuda.is_available()  # a CPU run never counts for the H100 target

@@ -242,6 +242,68 @@ def test_inference_never_overwrites_unless_asked_and_never_inputs(tiny_bundle, t
     assert _digest(src) == before
 
 
+def test_inference_loader_workers_only_for_volumes_after_the_first(tmp_path, monkeypatch):
+    """A single scan is read in the bundle process whatever num_workers says (a worker could overlap with
+    nothing; starting, feeding and joining it cost ~0.4 s per call); several scans get at most one worker
+    per scan after the first. The segmentations are identical either way, voxels and headers."""
+    import monai.data
+    from monai.bundle import run
+
+    from fias_monai.inference import loader_workers
+
+    assert [loader_workers(2, n) for n in (0, 1, 2, 3, 9)] == [0, 0, 1, 2, 2]
+    assert loader_workers(0, 9) == 0 and loader_workers(10, 4) == 3
+
+    used = []
+
+    class SpyLoader(monai.data.DataLoader):
+        def __init__(self, dataset, *args, **kwargs):
+            used.append((type(dataset).__name__, kwargs.get("num_workers", 0)))
+            super().__init__(dataset, *args, **kwargs)
+
+    monkeypatch.setattr(monai.data, "DataLoader", SpyLoader)
+
+    # a 1x1 conv stand-in whose argmax is a function of the scaled intensity: every class appears
+    conv = torch.nn.Conv2d(1, 4, kernel_size=1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([0.0, 10.0, 20.0, 30.0]).view(4, 1, 1, 1))
+        conv.bias.copy_(torch.tensor([0.0, -2.5, -7.5, -15.0]))
+    root = tmp_path / "bundle"
+    (root / "models").mkdir(parents=True)
+    torch.save(conv.state_dict(), root / "models" / "model.pt")
+    rng = np.random.default_rng(0)
+    scans = {}
+    for name, shape, aff in (("a", (96, 80, 5), np.diag([-0.8, -0.8, 2.5, 1.0])),
+                             ("b", (72, 6, 88), np.array([[0, 0, 1.0, 0], [-1.2, 0, 0, 0], [0, 3.0, 0, 0],
+                                                          [0, 0, 0, 1]])),
+                             ("c", (64, 64, 3), np.eye(4))):
+        scans[name] = _save(tmp_path / "all" / f"{name}.nii.gz",
+                            (rng.random(shape) * 400 - 100).astype(np.float32), aff)
+        _save(tmp_path / f"one_{name}" / f"{name}.nii.gz", np.asanyarray(nib.load(str(scans[name])).dataobj), aff)
+
+    def infer(src, out, workers):
+        used.clear()
+        run(config_file=str(CONFIGS / "inference.json"), bundle_root=str(root), dataset_dir=str(src),
+            output_dir=str(out), num_workers=workers, image_size=[64, 64],
+            network_def={"_target_": "torch.nn.Conv2d", "in_channels": 1, "out_channels": 4, "kernel_size": 1})
+        return [w for kind, w in used if kind == "_Guarded"]
+
+    assert infer(tmp_path / "all", tmp_path / "out_workers", 2) == [2]
+    assert infer(tmp_path / "all", tmp_path / "out_main", 0) == [0]
+    for name in scans:
+        assert infer(tmp_path / f"one_{name}", tmp_path / "out_single", 2) == [0]
+    for name, src in scans.items():
+        ref = nib.load(str(tmp_path / "out_main" / f"{name}_seg.nii.gz"))
+        ref_data = np.asanyarray(ref.dataobj)
+        assert ref.shape == nib.load(str(src)).shape and len(np.unique(ref_data)) == 4
+        np.testing.assert_array_equal(ref.affine, nib.load(str(src)).affine)
+        for other in ("out_workers", "out_single"):
+            got = nib.load(str(tmp_path / other / f"{name}_seg.nii.gz"))
+            np.testing.assert_array_equal(np.asanyarray(got.dataobj), ref_data, err_msg=f"{other}/{name}")
+            np.testing.assert_array_equal(got.affine, ref.affine)
+            assert got.header == ref.header
+
+
 def test_safe_save_is_atomic(tmp_path, monkeypatch):
     """A crash while writing leaves neither a partial output nor a temporary file."""
     from monai.data import MetaTensor
@@ -300,6 +362,23 @@ def test_check_volume_names_file_and_problem(case):
         t({"image": _meta_image(img, "img.nii.gz"), "label": _meta_image(lab, "lab.nii.gz")})
     assert str(e.value).startswith(f"/data/{bad}: ") and EXPECT[case] in str(e.value), str(e.value)
     assert isinstance(e.value, ValueError)
+
+
+@pytest.mark.parametrize("values, expect", [
+    ({(0, 1, 2, 3): np.inf}, "0 NaN and 1 Inf voxel"),
+    ({(0, 1, 2, 3): -np.inf, (0, 60, 2, 0): -np.inf}, "0 NaN and 2 Inf voxel"),
+    ({(0, 9, 9, 3): np.nan}, "1 NaN and 0 Inf voxel"),
+], ids=["inf", "neg_inf_x2", "nan"])
+def test_check_volume_counts_nan_inf_whatever_the_extremes(values, expect):
+    """The one-pass min/max that clears a finite volume must still send every NaN/Inf case to the count."""
+    img = _image(0)[None]
+    for idx, v in values.items():
+        img[idx] = v
+    with pytest.raises(InvalidCaseError, match=expect):
+        CheckVolumed(keys="image")({"image": _meta_image(img)})
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        with pytest.raises(InvalidCaseError, match=expect):
+            CheckVolumed(keys="image")({"image": _meta_image(torch.as_tensor(img).to(dtype))})
 
 
 def test_check_volume_passes_good_data_and_uses_the_ras_inplane_axes():
