@@ -20,7 +20,7 @@ from pathlib import Path
 import fire
 import numpy as np
 
-NAMES = {"fias_tiny": "FIAS-tiny", "basicunet": "MONAI BasicUNet", "swinunetr": "MONAI SwinUNETR-2D (fs 48, v2)"}
+NAMES = {"fias_tiny": "FIAS-tiny (CUDA-graph step)", "fias_tiny_eager": "FIAS-tiny (eager step)", "basicunet": "MONAI BasicUNet", "swinunetr": "MONAI SwinUNETR-2D (fs 48, v2)"}
 _TS = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
 
 
