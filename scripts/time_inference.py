@@ -260,27 +260,21 @@ def _timed_transforms(transforms, records: dict[str, float]):
         cls = t.__class__
         label = cls.__name__
 
-        def call(self, *args, **kwargs):
-            _sync(device)
-            t0 = time.perf_counter()
-            try:
-                return cls.__call__(self, *args, **kwargs)
-            finally:
-                _sync(device)
-                records[label] += time.perf_counter() - t0
-
-        ns: dict[str, Any] = {"__call__": call}
-        if hasattr(cls, "inverse"):
-            def inverse(self, *args, **kwargs):
+        def timed(method, key):
+            def run(self, *args, **kwargs):
                 _sync(device)
                 t0 = time.perf_counter()
                 try:
-                    return cls.inverse(self, *args, **kwargs)
+                    return method(self, *args, **kwargs)
                 finally:
                     _sync(device)
-                    records[f"  {label}.inverse (in Invertd)"] += time.perf_counter() - t0
+                    records[key] += time.perf_counter() - t0
 
-            ns["inverse"] = inverse
+            return run
+
+        ns: dict[str, Any] = {"__call__": timed(cls.__call__, label)}
+        if hasattr(cls, "inverse"):
+            ns["inverse"] = timed(cls.inverse, f"  {label}.inverse (in Invertd)")
         originals.append((t, cls))
         t.__class__ = type(f"Timed{cls.__name__}", (cls,), ns)
 
@@ -401,10 +395,8 @@ def _run_in_process(config_files: list[str], overrides: dict, bundle_root: Path,
     net_timer = _NetworkTimer(network, device)
     eng_timer = _EngineTimer(evaluator, device)
 
-    def one(src: Path) -> dict:
-        dataset.data = [by_name[src.name]]
-        net_timer.reset()
-        eng_timer.marks.clear()
+    def run_workflow() -> tuple[float, float]:
+        """(start, end) of one synchronised ``wf.run()``."""
         _sync(device)
         t_start = time.perf_counter()
         try:
@@ -412,7 +404,13 @@ def _run_in_process(config_files: list[str], overrides: dict, bundle_root: Path,
         except InferenceError as e:
             raise RuntimeError(f"inference failed: {e}") from None
         _sync(device)
-        t_end = time.perf_counter()
+        return t_start, time.perf_counter()
+
+    def one(src: Path) -> dict:
+        dataset.data = [by_name[src.name]]
+        net_timer.reset()
+        eng_timer.marks.clear()
+        t_start, t_end = run_workflow()
         m = eng_timer.marks
         rec = {
             "input": src.name,
@@ -444,17 +442,12 @@ def _run_in_process(config_files: list[str], overrides: dict, bundle_root: Path,
         for s in savers:
             s.overwrite = True  # the per-volume runs wrote these outputs already
         net_timer.reset()
-        _sync(device)
-        t_start = time.perf_counter()
         try:
-            wf.run()
-        except InferenceError as e:
-            raise RuntimeError(f"inference failed: {e}") from None
+            t_start, t_end = run_workflow()
         finally:
             for s, o in zip(savers, overwrite):
                 s.overwrite = o
-        _sync(device)
-        total = time.perf_counter() - t_start
+        total = t_end - t_start
         try:
             from fias_monai.inference import loader_workers
 
