@@ -49,7 +49,7 @@ def _bundle(cwd: Path, *args: str, overrides: dict) -> str:
         cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("MLFLOW_TRACKING_URI", None)  # it would take precedence over the bundle's tracking_uri
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"exit {proc.returncode}: {' '.join(cmd)}\n{log[-6000:]}"
     return log
@@ -94,7 +94,7 @@ def trained(tmp_path_factory, demo):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_training_is_recorded(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -143,7 +143,7 @@ def test_training_is_recorded(trained):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_evaluating_gets_its_own_closed_run(trained, demo):
     """evaluate.json names its run eval_<time> and closes it (MONAI's validator handler leaves it open, and
     the next run with no run_name would write into it)."""
@@ -169,7 +169,7 @@ def test_evaluating_gets_its_own_closed_run(trained, demo):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_training_after_an_interrupted_one_gets_its_own_run(trained, demo):
     cwd, bundle_root, client, _ = trained
     # the store as an interrupted training leaves it: a run still RUNNING
