@@ -1,5 +1,8 @@
 from pathlib import Path
 
+import h5py
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
@@ -20,3 +23,30 @@ def _seed():
 def requires_shared(*parts):
     path = SHARED_DATA.joinpath(*parts)
     return pytest.mark.skipif(not path.exists(), reason=f"{path} is not present (users' clones lack ../shared)")
+
+
+def write_h5(path: Path, image: np.ndarray, label: np.ndarray) -> None:
+    """One volume of the SSL4MIS ACDC h5 layout (datasets ``image`` and ``label``)."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("image", data=image)
+        f.create_dataset("label", data=label)
+
+
+def acdc_arrays(seed: int, shape=(3, 40, 36), corner_label: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(Z, H, W) float32 image in [0, 1] and a uint8 label using all 4 classes; H != W so a transpose
+    mix-up shows. ``corner_label`` also sets voxel (0, 0, 0) to class 3 (a label at the volume's edge)."""
+    rng = np.random.default_rng(seed)
+    image = rng.random(shape, dtype=np.float32)
+    label = np.zeros(shape, dtype=np.uint8)
+    label[:, 2:6, 3:7] = 1
+    label[:, 8:12, 8:12] = 2
+    label[:, 9:11, 9:11] = 3
+    if corner_label:
+        label[0, 0, 0] = 3
+    return image, label
+
+
+def read_nifti(path) -> tuple[np.ndarray, np.ndarray, np.dtype]:
+    """(data as stored, affine, on-disk dtype) of a NIfTI file."""
+    img = nib.load(str(path))
+    return np.asanyarray(img.dataobj), img.affine, img.get_data_dtype()

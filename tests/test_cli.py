@@ -18,11 +18,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import REPO, SHARED_DATA, acdc_arrays, read_nifti, write_h5
 from fias_monai.__main__ import COMMANDS, main
 from fias_monai.data import load_datalist
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 AMOS = SHARED_DATA / "amos_ct_slices"
 ACDC = SHARED_DATA / "acdc"
 
@@ -58,30 +57,8 @@ def _datalist(path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def _read(path) -> tuple[np.ndarray, np.ndarray, np.dtype]:
-    img = nib.load(str(path))
-    return np.asanyarray(img.dataobj), img.affine, img.get_data_dtype()
-
-
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _write_h5(path: Path, image: np.ndarray, label: np.ndarray) -> None:
-    with h5py.File(path, "w") as f:
-        f.create_dataset("image", data=image)
-        f.create_dataset("label", data=label)
-
-
-def _acdc_arrays(seed: int, shape=(3, 40, 36)):
-    """(Z, H, W) float32 image in [0, 1] and a uint8 label with all 4 classes; H != W."""
-    rng = np.random.default_rng(seed)
-    image = rng.random(shape, dtype=np.float32)
-    label = np.zeros(shape, dtype=np.uint8)
-    label[:, 2:6, 3:7] = 1
-    label[:, 8:12, 8:12] = 2
-    label[:, 9:11, 9:11] = 3
-    return image, label
 
 
 @pytest.fixture
@@ -94,8 +71,8 @@ def acdc_h5(tmp_path) -> tuple[Path, dict]:
     arrays = {}
     for i, case in enumerate(["patient001_frame01", "patient001_frame12", "patient019_frame01",
                               "patient002_frame01", "patient090_frame01"]):
-        arrays[case] = _acdc_arrays(i)
-        _write_h5(src / "volumes" / f"{case}.h5", *arrays[case])
+        arrays[case] = acdc_arrays(i)
+        write_h5(src / "volumes" / f"{case}.h5", *arrays[case])
     (src / "train.list").write_text("patient001_frame01\npatient001_frame12\n")
     (src / "val.list").write_text("patient019_frame01\n\n")
     return src, arrays
@@ -149,8 +126,8 @@ def test_prepare_acdc_h5(capsys, tmp_path, acdc_h5):
         for entry in load_datalist(dl, sec):
             case = Path(entry["image"]).name.split(".")[0]
             image, label = arrays[case]
-            img, aff, img_dtype = _read(entry["image"])
-            lab, _, lab_dtype = _read(entry["label"])
+            img, aff, img_dtype = read_nifti(entry["image"])
+            lab, _, lab_dtype = read_nifti(entry["label"])
             assert img_dtype == np.float32 and lab_dtype == np.uint8
             np.testing.assert_array_equal(img, image.transpose(1, 2, 0))  # (Z,H,W) -> (H,W,Z)
             np.testing.assert_array_equal(lab, label.transpose(1, 2, 0))
@@ -179,9 +156,9 @@ def test_prepare_acdc_h5_reports_every_bad_file(capsys, tmp_path, acdc_h5):
     src, _ = acdc_h5
     (src / "volumes" / "patient001_frame12.h5").write_bytes(b"not an hdf5 file")  # corrupt
     (src / "val.list").write_text("patient019_frame01\npatient021_frame01\n")  # listed, absent
-    image, label = _acdc_arrays(7)
+    image, label = acdc_arrays(7)
     label[0, 0, 0] = 9  # out of range
-    _write_h5(src / "volumes" / "patient002_frame01.h5", image, label)
+    write_h5(src / "volumes" / "patient002_frame01.h5", image, label)
     out = tmp_path / "out"
     rc, stdout, err = _cli(capsys, "prepare_acdc_h5", src, out)
     _assert_clean_error(rc, err, "3 file(s) failed", "patient001_frame12.h5", "patient021_frame01.h5",
@@ -212,7 +189,7 @@ def test_prepare_acdc_official(capsys, tmp_path):
     for pid, seed in ((1, 0), (19, 1), (3, 2), (120, 3)):  # train, validation, test, outside 1..100
         d = src / f"patient{pid:03d}"
         d.mkdir(parents=True)
-        image, label = _acdc_arrays(seed, shape=(40, 36, 3))
+        image, label = acdc_arrays(seed, shape=(40, 36, 3))
         nib.save(nib.Nifti1Image(image * 300 + 20, affine), str(d / f"patient{pid:03d}_frame01.nii.gz"))
         nib.save(nib.Nifti1Image(label, affine), str(d / f"patient{pid:03d}_frame01_gt.nii.gz"))
         nib.save(nib.Nifti1Image(np.zeros((40, 36, 3, 5), np.float32), affine), str(d / f"patient{pid:03d}_4d.nii.gz"))
@@ -223,7 +200,7 @@ def test_prepare_acdc_official(capsys, tmp_path):
     assert (doc["numTraining"], doc["numValidation"], doc["numTest"]) == (1, 1, 1)
     entry = load_datalist(out / "datalist.json", "test")[0]
     assert Path(entry["image"]).name == "patient003_frame01.nii.gz"
-    img, aff, dtype = _read(entry["image"])
+    img, aff, dtype = read_nifti(entry["image"])
     np.testing.assert_allclose(aff, affine, atol=1e-5)
     assert dtype == np.float32 and img.min() == 0.0 and img.max() == 1.0
     rc, _, err = _cli(capsys, "prepare_acdc_official", tmp_path / "database", tmp_path / "out2",
@@ -242,8 +219,8 @@ def test_prepare_acdc_h5_real_subset(capsys, tmp_path):
     assert [Path(e["image"]).name for e in train] == frames and len(frames) == 2  # ED and ES
     assert [Path(e["image"]).name[:10] for e in val] == ["patient019"] * 2
     for entry in train + val:
-        img, _, _ = _read(entry["image"])
-        lab, _, _ = _read(entry["label"])
+        img, _, _ = read_nifti(entry["image"])
+        lab, _, _ = read_nifti(entry["label"])
         assert img.shape == lab.shape and img.ndim == 3 and img.shape[2] < img.shape[0]
         assert 0.0 <= img.min() and img.max() <= 1.0
         assert set(np.unique(lab)) == {0, 1, 2, 3}
@@ -274,7 +251,7 @@ def test_prepare_synapse_slices_and_volumes(capsys, tmp_path):
     # case0008 (a TransUNet test case) as an h5 volume (Z, H, W)
     vol = rng.random((4, 40, 36), dtype=np.float32)
     vlab = rng.integers(0, 9, size=(4, 40, 36), dtype=np.uint8)
-    _write_h5(src / "test_vol_h5" / "case0008.npy.h5", vol, vlab)
+    write_h5(src / "test_vol_h5" / "case0008.npy.h5", vol, vlab)
     out = tmp_path / "out"
     rc, stdout, err = _cli(capsys, "prepare_synapse", src, out)
     assert rc == 0, err
@@ -282,14 +259,14 @@ def test_prepare_synapse_slices_and_volumes(capsys, tmp_path):
     dl = out / "datalist.json"
     assert _datalist(dl)["labels"]["8"] == "stomach"
     (train,), (test,) = load_datalist(dl, "training"), load_datalist(dl, "test")
-    img, aff, dtype = _read(train["image"])
-    lab, _, lab_dtype = _read(train["label"])
+    img, aff, dtype = read_nifti(train["image"])
+    lab, _, lab_dtype = read_nifti(train["label"])
     assert img.shape == (40, 36, 3) and dtype == np.float32 and lab_dtype == np.uint8
     for z, idx in enumerate((8, 9, 10)):
         np.testing.assert_allclose(img[..., z], slices[idx][0] * 400 - 125, atol=1e-3)  # back to HU
         np.testing.assert_array_equal(lab[..., z], slices[idx][1])
-    img, _, _ = _read(test["image"])
-    lab, _, _ = _read(test["label"])
+    img, _, _ = read_nifti(test["image"])
+    lab, _, _ = read_nifti(test["label"])
     np.testing.assert_allclose(img, vol.transpose(1, 2, 0) * 400 - 125, atol=1e-3)
     np.testing.assert_array_equal(lab, vlab.transpose(1, 2, 0))
 
@@ -319,8 +296,8 @@ def test_prepare_synapse_real_amos_slices(capsys, tmp_path):
     (train,), (val,) = load_datalist(dl, "training"), load_datalist(dl, "validation")
     assert load_datalist(dl, "test") == []
     for entry, case, first, n, side in ((train, "train_amos_0001", 60, 11, 768), (val, "valid_amos_0013", 50, 11, 512)):
-        img, aff, dtype = _read(entry["image"])
-        lab, _, lab_dtype = _read(entry["label"])
+        img, aff, dtype = read_nifti(entry["image"])
+        lab, _, lab_dtype = read_nifti(entry["label"])
         assert img.shape == lab.shape == (side, side, n)
         assert dtype == np.float32 and lab_dtype == np.uint8
         assert -125.001 <= img.min() and img.max() <= 275.001  # HU, within the TransUNet window
@@ -350,7 +327,7 @@ def test_prepare_btcv(capsys, tmp_path):
     dl = out / "datalist.json"
     (train,), (test,) = load_datalist(dl, "training"), load_datalist(dl, "test")  # case0002 is a test case
     assert Path(train["image"]).name == "case0005.nii.gz" and Path(test["image"]).name == "case0002.nii.gz"
-    lab, aff, _ = _read(train["label"])
+    lab, aff, _ = read_nifti(train["label"])
     np.testing.assert_allclose(aff, affine, atol=1e-5)
     from fias_monai.data import BTCV_TO_SYNAPSE
 
@@ -376,7 +353,7 @@ def test_make_demo(capsys, tmp_path):
     assert stdout.strip() == str(out / "datalist.json")
     entries = load_datalist(out / "datalist.json", "training") + load_datalist(out / "datalist.json", "validation")
     assert len(entries) == 3
-    img, _, dtype = _read(entries[0]["image"])
+    img, _, dtype = read_nifti(entries[0]["image"])
     assert img.shape == (32, 40, 4) and dtype == np.float32
     before = _snapshot(out)
     rc, _, err = _cli(capsys, "make_demo", out, "--num_train", 2, "--num_val", 1, "--shape", "32,40,4")

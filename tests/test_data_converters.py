@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import SHARED_DATA, acdc_arrays, read_nifti, requires_shared, write_h5
 from fias_monai.data import (
     DataConversionError,
     load_datalist,
@@ -20,38 +21,18 @@ from fias_monai.data import (
     write_datalist,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 # ----------------------------------------------------------------------------------------------------
 # fixtures / helpers
 
 
-def _write_h5(path: Path, image: np.ndarray, label: np.ndarray) -> None:
-    with h5py.File(path, "w") as f:
-        f.create_dataset("image", data=image)
-        f.create_dataset("label", data=label)
-
-
 def _acdc_arrays(seed: int, shape=(4, 40, 36)):
-    """(Z, H, W) image in [0, 1] and a label using all 4 classes; H != W so a transpose mix-up shows."""
-    rng = np.random.default_rng(seed)
-    image = rng.random(shape, dtype=np.float32)
-    label = np.zeros(shape, dtype=np.uint8)
-    label[:, 2:6, 3:7] = 1
-    label[:, 8:12, 8:12] = 2
-    label[:, 9:11, 9:11] = 3
-    label[0, 0, 0] = 3
-    return image, label
+    return acdc_arrays(seed, shape, corner_label=True)
 
 
 def _nii(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
     nib.save(nib.Nifti1Image(data, affine), str(path))
-
-
-def _read(path) -> tuple[np.ndarray, np.ndarray, np.dtype]:
-    img = nib.load(str(path))
-    return np.asanyarray(img.dataobj), img.affine, img.get_data_dtype()
 
 
 def _datalist(path: Path) -> dict:
@@ -73,7 +54,7 @@ def acdc_h5(tmp_path):
         "patient005_frame01": 3,  # unlisted, not a test patient -> ignored
     }
     for name, seed in cases.items():
-        _write_h5(src / "volumes" / f"{name}.h5", *_acdc_arrays(seed))
+        write_h5(src / "volumes" / f"{name}.h5", *_acdc_arrays(seed))
     (src / "train.list").write_text("patient001_frame01\n")
     (src / "val.list").write_text("patient019_frame01\n\n")
     return src
@@ -103,8 +84,8 @@ def test_acdc_h5_layout_split_and_values(acdc_h5, tmp_path):
     image, label = _acdc_arrays(0)
     entry = load_datalist(dl, "training")[0]
     assert Path(entry["image"]).is_absolute() and Path(entry["label"]).is_file()
-    img, aff, dt = _read(entry["image"])
-    lab, laff, ldt = _read(entry["label"])
+    img, aff, dt = read_nifti(entry["image"])
+    lab, laff, ldt = read_nifti(entry["label"])
     assert img.shape == lab.shape == (40, 36, 4)  # (H, W, Z)
     assert dt == np.float32 and ldt == np.uint8
     np.testing.assert_array_equal(aff, np.eye(4))
@@ -122,16 +103,16 @@ def test_acdc_h5_bad_cases_reported_good_ones_written(acdc_h5, tmp_path):
     # label value out of range
     image, label = _acdc_arrays(4)
     label[1, 3, 3] = 7
-    _write_h5(vol / "patient006_frame01.h5", image, label)
+    write_h5(vol / "patient006_frame01.h5", image, label)
     # shape mismatch
-    _write_h5(vol / "patient007_frame01.h5", image, label[:, :10])
+    write_h5(vol / "patient007_frame01.h5", image, label[:, :10])
     # wrong keys
     with h5py.File(vol / "patient010_frame01.h5", "w") as f:
         f.create_dataset("img", data=image)
     # NaN
     nan_image = image.copy()
     nan_image[0, 0, 0] = np.nan
-    _write_h5(vol / "patient011_frame01.h5", nan_image, _acdc_arrays(4)[1])
+    write_h5(vol / "patient011_frame01.h5", nan_image, _acdc_arrays(4)[1])
     (acdc_h5 / "train.list").write_text(
         "\n".join(["patient001_frame01", "patient004_frame01", "patient006_frame01", "patient007_frame01",
                    "patient010_frame01", "patient011_frame01", "patient013_frame01"]) + "\n"
@@ -169,14 +150,14 @@ def test_overwrite_refused_and_old_bytes_kept(acdc_h5, tmp_path):
     img_file = out / "imagesTr" / "patient001_frame01.nii.gz"
     before = {p: p.read_bytes() for p in (img_file, dl)}
     # change the source so a (wrong) rewrite would change the bytes
-    _write_h5(acdc_h5 / "volumes" / "patient001_frame01.h5", *_acdc_arrays(99))
+    write_h5(acdc_h5 / "volumes" / "patient001_frame01.h5", *_acdc_arrays(99))
     with pytest.raises(FileExistsError, match="patient001_frame01.nii.gz|datalist.json"):
         prepare_acdc_h5(acdc_h5, out)
     assert {p: p.read_bytes() for p in before} == before
     assert not [p for p in out.rglob(".*tmp*")]  # no temp files left behind
     prepare_acdc_h5(acdc_h5, out, overwrite=True)
     assert img_file.read_bytes() != before[img_file]
-    np.testing.assert_array_equal(_read(img_file)[0][..., 0], _acdc_arrays(99)[0][0])
+    np.testing.assert_array_equal(read_nifti(img_file)[0][..., 0], _acdc_arrays(99)[0][0])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -213,8 +194,8 @@ def test_acdc_official_keeps_affine_scales_and_splits(tmp_path):
     assert _names(doc, "validation") == ["patient019_frame01", "patient019_frame12"]
     assert _names(doc, "test") == ["patient002_frame01", "patient002_frame12"]
     assert not list(out.rglob("*4d*")) and not list(out.rglob("*_gt*")) and not list(out.rglob("patient120*"))
-    img, aff, dt = _read(out / "imagesTr" / "patient001_frame01.nii.gz")
-    lab, laff, ldt = _read(out / "labelsTr" / "patient001_frame01.nii.gz")
+    img, aff, dt = read_nifti(out / "imagesTr" / "patient001_frame01.nii.gz")
+    lab, laff, ldt = read_nifti(out / "labelsTr" / "patient001_frame01.nii.gz")
     assert img.shape == lab.shape == image.shape and dt == np.float32 and ldt == np.uint8
     np.testing.assert_allclose(aff, affine, atol=1e-5)
     np.testing.assert_allclose(laff, affine, atol=1e-5)
@@ -270,7 +251,7 @@ def test_synapse_transunet_hu_roundtrip_stacking_and_split(tmp_path):
         np.savez(src / "train_npz" / f"case0005_slice{idx:03d}.npz", image=slices[idx][0], label=slices[idx][1])
     vol_img = np.stack([_synapse_slice(100 + z)[0] for z in range(3)])
     vol_lab = np.stack([_synapse_slice(100 + z)[1] for z in range(3)])
-    _write_h5(src / "test_vol_h5" / "case0001.npy.h5", vol_img, vol_lab)
+    write_h5(src / "test_vol_h5" / "case0001.npy.h5", vol_img, vol_lab)
     out = tmp_path / "out"
     doc = _datalist(prepare_synapse_transunet(src, out))
     assert doc["labels"]["1"] == "aorta" and doc["labels"]["8"] == "stomach" and len(doc["labels"]) == 9
@@ -278,8 +259,8 @@ def test_synapse_transunet_hu_roundtrip_stacking_and_split(tmp_path):
     assert _names(doc, "training") == ["case0005"] and _names(doc, "test") == ["case0001"]
     assert doc["validation"] == []
 
-    img, aff, dt = _read(out / "imagesTr" / "case0005.nii.gz")
-    lab, _, ldt = _read(out / "labelsTr" / "case0005.nii.gz")
+    img, aff, dt = read_nifti(out / "imagesTr" / "case0005.nii.gz")
+    lab, _, ldt = read_nifti(out / "labelsTr" / "case0005.nii.gz")
     assert img.shape == lab.shape == (40, 36, 9) and dt == np.float32 and ldt == np.uint8
     np.testing.assert_array_equal(aff, np.eye(4))
     for z, idx in enumerate(range(2, 11)):  # sorted by slice index
@@ -287,8 +268,8 @@ def test_synapse_transunet_hu_roundtrip_stacking_and_split(tmp_path):
         np.testing.assert_array_equal(lab[..., z], slices[idx][1])
     assert img[0, 0, 0] == -125.0 and img[0, 1, 0] == 275.0
 
-    timg, _, _ = _read(out / "imagesTs" / "case0001.nii.gz")
-    tlab, _, _ = _read(out / "labelsTs" / "case0001.nii.gz")
+    timg, _, _ = read_nifti(out / "imagesTs" / "case0001.nii.gz")
+    tlab, _, _ = read_nifti(out / "labelsTs" / "case0001.nii.gz")
     assert timg.shape == (40, 36, 3)
     np.testing.assert_allclose(timg, vol_img.transpose(1, 2, 0) * 400 - 125, atol=1e-3)
     np.testing.assert_array_equal(tlab, vol_lab.transpose(1, 2, 0))
@@ -325,7 +306,7 @@ def test_synapse_flat_prefixes_and_errors(tmp_path):
     assert "corrupt" in failed["train_amos_0103_slice0001.npz"]
     doc = _datalist(out / "datalist.json")
     assert _names(doc, "training") == ["amos_0001"] and _names(doc, "validation") == ["amos_0013"]
-    assert _read(out / "imagesTr" / "amos_0001.nii.gz")[0].shape == (40, 36, 2)
+    assert read_nifti(out / "imagesTr" / "amos_0001.nii.gz")[0].shape == (40, 36, 2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -359,8 +340,8 @@ def test_btcv_remap_affine_hu_and_split(tmp_path):
     doc = _datalist(out / "datalist.json")
     assert _names(doc, "training") == ["case0005"] and _names(doc, "test") == ["case0001"]
 
-    img, aff, dt = _read(out / "imagesTr" / "case0005.nii.gz")
-    lab, laff, ldt = _read(out / "labelsTr" / "case0005.nii.gz")
+    img, aff, dt = read_nifti(out / "imagesTr" / "case0005.nii.gz")
+    lab, laff, ldt = read_nifti(out / "labelsTr" / "case0005.nii.gz")
     assert dt == np.float32 and ldt == np.uint8 and img.shape == lab.shape == shape
     np.testing.assert_allclose(aff, affine, atol=1e-5)
     np.testing.assert_allclose(laff, affine, atol=1e-5)
@@ -408,7 +389,7 @@ def test_write_and_load_datalist(tmp_path):
 # real data (../shared/data), skipped in clones without it
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "acdc").exists(), reason="../shared/data not present in this clone")
+@requires_shared("acdc")
 def test_real_acdc_h5_subset(tmp_path):
     dl = prepare_acdc_h5(SHARED_DATA / "acdc", tmp_path / "acdc", cases=["patient001", "patient019_frame01"])
     doc = _datalist(dl)
@@ -417,8 +398,8 @@ def test_real_acdc_h5_subset(tmp_path):
     with h5py.File(SHARED_DATA / "acdc" / "volumes" / "patient001_frame01.h5", "r") as f:
         src_img, src_lab = f["image"][()], f["label"][()]
     entry = load_datalist(dl, "training")[0]
-    img, aff, dt = _read(entry["image"])
-    lab, _, _ = _read(entry["label"])
+    img, aff, dt = read_nifti(entry["image"])
+    lab, _, _ = read_nifti(entry["label"])
     assert img.shape == src_img.transpose(1, 2, 0).shape and dt == np.float32
     np.testing.assert_array_equal(img, src_img.transpose(1, 2, 0))
     np.testing.assert_array_equal(lab, src_lab.transpose(1, 2, 0))
@@ -433,8 +414,8 @@ def test_real_amos_slices(tmp_path):
     entries = load_datalist(dl, "training") + load_datalist(dl, "validation")
     assert len(entries) == 2
     for entry, hw in zip(entries, ((768, 768), (512, 512))):
-        img, _, dt = _read(entry["image"])
-        lab, _, ldt = _read(entry["label"])
+        img, _, dt = read_nifti(entry["image"])
+        lab, _, ldt = read_nifti(entry["label"])
         assert img.shape == lab.shape == (*hw, 11) and dt == np.float32 and ldt == np.uint8
         assert lab.min() >= 0 and lab.max() <= 8 and lab.max() > 0
         assert img.min() >= -125.0 and img.max() <= 275.0
