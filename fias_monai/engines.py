@@ -57,8 +57,9 @@ class GraphedSupervisedTrainer(SupervisedTrainer):
     wrapper, ``accumulation_steps == 1``, bfloat16 or no autocast, an optimizer with ``capturable=True``
     (e.g. ``torch.optim.Adam(..., fused=True, capturable=True)``) and the same batch shape every
     iteration (``drop_last=True``); random ops (dropout, DropPath, the Monte Carlo attention draw) get
-    fresh numbers on every replay. A capture that fails raises an error that names ``--cuda_graph False``. Each param group's ``lr`` becomes a one-element device tensor at
-    capture so that schedulers, which update a tensor ``lr`` in place, still act on the replayed step.
+    fresh numbers on every replay. A capture that fails raises an error that names ``--cuda_graph False``.
+    Each param group's ``lr`` becomes a one-element device tensor at capture so that schedulers, which
+    update a tensor ``lr`` in place, still act on the replayed step.
 
     Differences from the eager step: the ``FORWARD_COMPLETED``, ``LOSS_COMPLETED`` and
     ``BACKWARD_COMPLETED`` events fire after the whole step (the graph cannot stop halfway), and the
@@ -74,11 +75,10 @@ class GraphedSupervisedTrainer(SupervisedTrainer):
         self._graph_key: tuple | None = None
         self._static: dict[str, Any] = {}
         self._warmed = 0
-        self._checked = False
-        self._use_graph = False
+        self._use_graph: bool | None = None  # decided at the first iteration, once the engine state exists
 
     def _check_graph(self) -> None:
-        self._checked = True
+        self._use_graph = False
         if not self.cuda_graph:
             return
         reason = graph_unsupported_reason(self)
@@ -119,7 +119,7 @@ class GraphedSupervisedTrainer(SupervisedTrainer):
         logger.info("training step captured in a CUDA graph (batch %s)", tuple(inputs.shape))
 
     def _iteration(self, engine: SupervisedTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
-        if not self._checked:
+        if self._use_graph is None:
             self._check_graph()
         if not self._use_graph or batchdata is None:
             return super()._iteration(engine, batchdata)
