@@ -10,7 +10,10 @@ import torch
 from monai.losses import DiceCELoss
 from torch.nn.modules.loss import _Loss
 
-__all__ = ["FeatureMixingLoss", "nonempty_subsets"]
+__all__ = ["FeatureMixingLoss", "MIXING_MODES", "nonempty_subsets"]
+
+# which combinations of the deep-supervision maps are scored (see FeatureMixingLoss)
+MIXING_MODES = ("all", "separate", "final")
 
 
 def nonempty_subsets(n: int) -> list[tuple[int, ...]]:
@@ -27,10 +30,15 @@ class FeatureMixingLoss(_Loss):
     over subsets. A single tensor input is scored once, so the same loss also serves networks
     without deep supervision (and FIAS in eval mode).
 
+    ``mixing`` selects the combinations scored, for the deep-supervision ablation: ``"all"`` the paper's
+    7 subsets; ``"separate"`` each map alone (classic deep supervision, 3 terms); ``"final"`` only the sum
+    of all maps, i.e. the eval-mode output (no deep supervision, 1 term).
+
     Args:
         lambda_dice: weight of the Dice term (the paper's gamma = 0.4).
         lambda_ce: weight of the cross-entropy term (1 - gamma = 0.6).
         include_background: Dice over the background class too.
+        mixing: ``"all"`` (paper), ``"separate"`` or ``"final"``, see above.
         **dice_ce_kwargs: further arguments of :class:`monai.losses.DiceCELoss`.
 
     Shapes:
@@ -39,8 +47,11 @@ class FeatureMixingLoss(_Loss):
     """
 
     def __init__(self, lambda_dice: float = 0.4, lambda_ce: float = 0.6, include_background: bool = True,
-                 **dice_ce_kwargs) -> None:
+                 mixing: str = "all", **dice_ce_kwargs) -> None:
         super().__init__()
+        if mixing not in MIXING_MODES:
+            raise ValueError(f"FeatureMixingLoss: mixing must be one of {MIXING_MODES}, got {mixing!r}.")
+        self.mixing = mixing
         dice_ce_kwargs.setdefault("to_onehot_y", True)
         dice_ce_kwargs.setdefault("softmax", True)
         self.map_loss = DiceCELoss(include_background=include_background, lambda_dice=lambda_dice,
@@ -52,8 +63,11 @@ class FeatureMixingLoss(_Loss):
         maps = list(input)
         if not maps:
             raise ValueError("FeatureMixingLoss got an empty list of prediction maps.")
+        n = len(maps)
+        subsets = {"all": nonempty_subsets(n), "separate": [(i,) for i in range(n)],
+                   "final": [tuple(range(n))]}[self.mixing]
         total = input[0].new_zeros(())
-        for subset in nonempty_subsets(len(maps)):
+        for subset in subsets:
             mixed = maps[subset[0]]
             for i in subset[1:]:
                 mixed = mixed + maps[i]

@@ -21,6 +21,19 @@ def test_mixing_equals_the_hand_written_sum_over_subsets():
     assert torch.allclose(FeatureMixingLoss()(a, y), ref_fn(a, y))
 
 
+def test_mixing_modes_score_the_named_combinations():
+    maps = [torch.randn(2, 4, 8, 8) for _ in range(3)]
+    y = torch.randint(0, 4, (2, 1, 8, 8))
+    ref_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.4, lambda_ce=0.6)
+    a, b, c = maps
+    separate = ref_fn(a, y) + ref_fn(b, y) + ref_fn(c, y)
+    assert torch.allclose(FeatureMixingLoss(mixing="separate")(maps, y), separate)
+    assert torch.allclose(FeatureMixingLoss(mixing="final")(maps, y), ref_fn(a + b + c, y))
+    assert not torch.allclose(FeatureMixingLoss(mixing="all")(maps, y), separate)
+    with pytest.raises(ValueError, match="mixing must be one of"):
+        FeatureMixingLoss(mixing="sum")
+
+
 def test_weights_are_the_papers_gamma():
     x, y = torch.randn(1, 3, 8, 8), torch.randint(0, 3, (1, 1, 8, 8))
     dice = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=1.0, lambda_ce=0.0)(x, y)
