@@ -25,9 +25,13 @@ import fire
 
 
 def _gpu_sampler(samples: list, stop: threading.Event) -> None:
+    # nvidia-smi ignores CUDA_VISIBLE_DEVICES: ask for the run's own GPU, so that runs side by side on one
+    # host (one GPU each) each sample their own card
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
     while not stop.is_set():
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"],
+            out = subprocess.run(["nvidia-smi", "-i", gpu, "--query-gpu=utilization.gpu,memory.used",
+                                  "--format=csv,noheader,nounits"],
                                  capture_output=True, text=True, timeout=5).stdout.strip().splitlines()[0]
             util, mem = (float(v) for v in out.split(","))
             samples.append({"t": time.time(), "util": util, "mem_mib": mem})
@@ -63,9 +67,20 @@ def main(name: str, overlays: str, workdir: str = "/tmp/runs", out: str = "resul
     stop = threading.Event()
     sampler = threading.Thread(target=_gpu_sampler, args=(samples, stop), daemon=True)
     sampler.start()
-    train_start = time.time()
-    train_s = _bundle("training", ["bundle/configs/train.json", *overlays_list], common, log)
-    train_end = time.time()
+    # a finished training is recorded, so that a call cut off during evaluation can be re-run and only
+    # evaluates (the checkpoint in the workdir is kept)
+    done_file = run_dir / "training_done.json"
+    if done_file.exists():
+        done = json.loads(done_file.read_text())
+        train_s, train_start, train_end = done["train_s"], done["start"], done["end"]
+        samples.extend(done["gpu_samples"])
+        print(f"{name}: training already done ({train_s / 60:.2f} min), evaluating only")
+    else:
+        train_start = time.time()
+        train_s = _bundle("training", ["bundle/configs/train.json", *overlays_list], common, log)
+        train_end = time.time()
+        done_file.write_text(json.dumps({"train_s": train_s, "start": train_start, "end": train_end,
+                                         "gpu_samples": list(samples)}))
     eval_s = _bundle("evaluating", ["bundle/configs/train.json", *overlays_list, "bundle/configs/evaluate.json"],
                      common, log)
     stop.set()
@@ -86,6 +101,7 @@ def main(name: str, overlays: str, workdir: str = "/tmp/runs", out: str = "resul
         "git_commit": os.environ.get("GIT_COMMIT") or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
                                                                      text=True).stdout.strip(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "torch": torch.__version__,
         "train_wall_minutes_incl_caching": round(train_s / 60, 2),
         "eval_wall_minutes": round(eval_s / 60, 2),
