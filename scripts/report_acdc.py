@@ -20,7 +20,20 @@ from pathlib import Path
 import fire
 import numpy as np
 
-NAMES = {"fias_tiny": "FIAS-tiny (CUDA-graph step)", "fias_tiny_eager": "FIAS-tiny (eager step)", "basicunet": "MONAI BasicUNet", "swinunetr": "MONAI SwinUNETR-2D (fs 48, v2)"}
+NAMES = {
+    "fias_tiny_x4": "FIAS-tiny",
+    "basicunet_graph": "MONAI BasicUNet",
+    "swinunetr_graph": "MONAI SwinUNETR-2D (fs 48, v2)",
+    "fias_tiny_ds_final": "FIAS-tiny, loss on the summed output only",
+    "fias_tiny_lr2e-4": "FIAS-tiny, lr 2e-4",
+    "fias_tiny": "FIAS-tiny (x1 machine, earlier session)",
+    "fias_tiny_eager": "FIAS-tiny, eager step (earlier session)",
+    "basicunet_eager": "MONAI BasicUNet, eager step (earlier session)",
+    "swinunetr_eager": "MONAI SwinUNETR-2D, eager step (earlier session)",
+}
+# the side-by-side runs (one host, one GPU each, same call) drawn in the curve and the figure
+CURVE_RUNS = "fias_tiny_x4,basicunet_graph,swinunetr_graph,fias_tiny_ds_final,fias_tiny_lr2e-4"
+FIGURE_RUNS = "fias_tiny_x4,basicunet_graph,swinunetr_graph"
 _TS = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
 
 
@@ -53,7 +66,8 @@ def _from_training_log(name: str, log: str) -> dict:
         "name": name,
         "note": "evaluation step failed (evaluate.json added a FIAS-only key to peer networks; fixed since); "
                 "mean DSC is the best validation mean Dice logged during training (same protocol and volumes)",
-        "overlays": ["bundle/configs/train.json", "bundle/configs/acdc.json", f"bundle/configs/peers/{name}.json"],
+        "overlays": ["bundle/configs/train.json", "bundle/configs/acdc.json",
+                     f"bundle/configs/peers/{name.removesuffix('_eager')}.json"],
         "git_commit": "d85338fff4dda539805ae74d2353f5577713c738",
         "gpu": "NVIDIA H100 80GB HBM3",
         "train_wall_minutes_incl_caching": float(stop.group(3)) if stop else None,
@@ -63,7 +77,21 @@ def _from_training_log(name: str, log: str) -> dict:
     }
 
 
-def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs") -> None:
+def _names(value) -> list[str]:
+    """Run names from a comma-separated string (fire turns ``a,b`` on the command line into a tuple)."""
+    return [n for n in (value if isinstance(value, (list, tuple)) else str(value).split(",")) if n]
+
+
+def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CURVE_RUNS,
+         figure: str = FIGURE_RUNS, cases: str | None = None) -> None:
+    """Args:
+        runs: folder of run_experiment outputs (``<name>_log.txt``, ``_results.json``, ``_val_preds.npz``).
+        out: the bundle's docs folder.
+        curve: comma-separated run names drawn in the validation curve.
+        figure: comma-separated run names of the qualitative figure's columns.
+        cases: comma-separated saved volumes shown as rows (default: the first and the last volume the
+            first figure run saved: patient019 is easy for all networks, patient021 is the hardest case).
+    """
     runs_dir, out_dir = Path(runs), Path(out)
     (out_dir / "results").mkdir(parents=True, exist_ok=True)
     results = {}
@@ -75,13 +103,14 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs") -> None:
         else:  # training finished but evaluation did not: keep what the training log measured
             r = _from_training_log(name, log_path.read_text(errors="replace"))
         log = (runs_dir / f"{r['name']}_log.txt").read_text(errors="replace")
-        curve = r["val_history"]
-        if len(curve) < 2:  # written by a MetricHistoryHandler that missed repeated validations
-            curve = curve_from_log(log)
+        history = r["val_history"]
+        if len(history) < 2:  # written by a MetricHistoryHandler that missed repeated validations
+            history = curve_from_log(log)
             r["val_history_source"] = "parsed from the training log timestamps"
-        r["val_history"] = [{k: float(v) for k, v in row.items()} for row in curve]
+        r["val_history"] = [{k: float(v) for k, v in row.items()} for row in history]
         epochs = re.findall(r"Epoch\[(\d+)\] Complete", log.split("$ ")[1] if "$ " in log else log)
-        r["epochs_trained"] = max((int(e) for e in epochs), default=None)
+        # the log may hold only an evaluation (a re-run after a cut-off call): the curve counts epochs too
+        r["epochs_trained"] = max([int(e) for e in epochs] + [len(r["val_history"])]) or None
         r.pop("per_case", None)
         results[r["name"]] = r
         (out_dir / "results" / f"{r['name']}.json").write_text(json.dumps(r, indent=1))
@@ -105,33 +134,34 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs") -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for name, r in results.items():
+    for name in [n for n in _names(curve) if n in results]:
+        r = results[name]
         t = [row["time_s"] / 60 for row in r["val_history"]]
         ax.plot(t, [100 * row["val_mean_dice"] for row in r["val_history"]], marker=".", label=NAMES.get(name, name))
     ax.axhline(90, color="gray", lw=0.8, ls="--")
     ax.set_xlabel("training wall-clock time (min)")
     ax.set_ylabel("validation mean Dice (%)")
-    gpu = next(iter(results.values()))["gpu"] if results else ""
-    ax.set_title(f"ACDC val.list, 3D protocol, {gpu}", fontsize=9)
+    first = next((results[n] for n in _names(curve) if n in results), None)
+    ax.set_title(f"ACDC val.list, 3D protocol, {first['gpu'] if first else ''} (one per run)", fontsize=9)
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "acdc_val_curve.png")
 
-    preds = {name: np.load(runs_dir / f"{name}_val_preds.npz") for name in results
-             if (runs_dir / f"{name}_val_preds.npz").exists()}
-    if "fias_tiny" in preds:
+    order = [n for n in _names(figure) if (runs_dir / f"{n}_val_preds.npz").exists()]
+    preds = {name: np.load(runs_dir / f"{name}_val_preds.npz") for name in order}
+    if order:
         from fias_monai.visualize import compare_panel
 
-        ref = preds["fias_tiny"]
-        cases = sorted({k.split("__")[0] for k in ref.files})[:2]
-        order = [n for n in ("fias_tiny", "basicunet", "swinunetr") if n in preds]
+        ref = preds[order[0]]
+        saved = sorted({k.split("__")[0] for k in ref.files})
+        cases = _names(cases) if cases else sorted({saved[0], saved[-1]})
         panels = []
         for case in cases:
             image, label = ref[f"{case}__image"], ref[f"{case}__label"]
             z = int(np.argmax((label > 0).sum(axis=(0, 1))))
-            panels.append(compare_panel(image, label, {NAMES[n]: preds[n][f"{case}__pred"] for n in order},
+            panels.append(compare_panel(image, label, {NAMES.get(n, n): preds[n][f"{case}__pred"] for n in order},
                                         out_dir / f".panel_{case}.png", slices=[z]))
         from skimage import io
 
@@ -141,7 +171,7 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs") -> None:
         io.imsave(out_dir / "acdc_qualitative.png", np.concatenate(rows, axis=0), check_contrast=False)
         for p in panels:
             Path(p).unlink()
-        print("qualitative columns: image, ground truth, " + ", ".join(NAMES[n] for n in order), "; cases", cases)
+        print("qualitative columns: image, ground truth, " + ", ".join(NAMES.get(n, n) for n in order), "; cases", cases)
 
 
 if __name__ == "__main__":
