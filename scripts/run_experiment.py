@@ -70,8 +70,12 @@ def main(name: str, overlays: str, workdir: str = "/tmp/runs", out: str = "resul
     # a finished training is recorded, so that a call cut off during evaluation can be re-run and only
     # evaluates (the checkpoint in the workdir is kept)
     done_file = run_dir / "training_done.json"
+    run_key = {"overlays": overlays_list, "overrides": overrides}
     if done_file.exists():
         done = json.loads(done_file.read_text())
+        if done.get("run") != run_key:
+            raise SystemExit(f"{done_file}: a training with other settings ({done.get('run')}) finished under the "
+                             f"name {name!r}; choose another --name or delete {run_dir}")
         train_s, train_start, train_end = done["train_s"], done["start"], done["end"]
         samples.extend(done["gpu_samples"])
         print(f"{name}: training already done ({train_s / 60:.2f} min), evaluating only")
@@ -79,7 +83,7 @@ def main(name: str, overlays: str, workdir: str = "/tmp/runs", out: str = "resul
         train_start = time.time()
         train_s = _bundle("training", ["bundle/configs/train.json", *overlays_list], common, log)
         train_end = time.time()
-        done_file.write_text(json.dumps({"train_s": train_s, "start": train_start, "end": train_end,
+        done_file.write_text(json.dumps({"run": run_key, "train_s": train_s, "start": train_start, "end": train_end,
                                          "gpu_samples": list(samples)}))
     eval_s = _bundle("evaluating", ["bundle/configs/train.json", *overlays_list, "bundle/configs/evaluate.json"],
                      common, log)
