@@ -11,6 +11,7 @@ import time
 import os
 from pathlib import Path
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
@@ -221,11 +222,6 @@ class TimeBudgetHandler:
             engine.terminate()
 
 
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 class ThroughputHandler:
     """Training images per second of each epoch, all ranks together, into
     ``engine.state.metrics["train_images_per_s"]`` (so :class:`MetricHistoryHandler` records it).
@@ -258,7 +254,7 @@ class ThroughputHandler:
 
     def _record(self, engine: Engine) -> None:
         if self.last is not None and self.last > self.first:
-            rate = self.images * _world_size() / (self.last - self.first)
+            rate = self.images * idist.get_world_size() / (self.last - self.first)
             engine.state.metrics["train_images_per_s"] = rate
             if _is_main_process():
                 logger.info("epoch %d: %.1f training images/s", engine.state.epoch, rate)
