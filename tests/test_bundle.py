@@ -139,6 +139,48 @@ def test_configs_agree_with_each_other_and_with_metadata():
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == train["image_size"]
 
 
+def _acdc_slice_transforms(intensity_augmentation: bool):
+    """train.json + acdc.json: the volume intensity scaling and the per-slice augmentation."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(TRAIN), str(TRAIN.parent / "acdc.json")])
+    if not intensity_augmentation:
+        parser["intensity_augmentation"]["transforms"] = []
+    return parser.get_parsed_content("intensity_transform"), parser.get_parsed_content("train#preprocessing")
+
+
+def test_acdc_intensity_scaling_ignores_a_few_bright_voxels():
+    # patient021's case: a volume whose min-max range is set by a few bright voxels (here 0.05 % at 10x the
+    # tissue) must come out like the same volume without them, not ten times darker
+    scale, _ = _acdc_slice_transforms(False)
+    rng = np.random.default_rng(0)
+    tissue = rng.uniform(0.0, 0.1, size=(1, 64, 64, 8)).astype(np.float32)
+    tissue[:, 24:40, 24:40] += 0.3  # a bright "blood pool"
+    outliers = tissue.copy()
+    outliers.reshape(-1)[rng.choice(tissue.size, 16, replace=False)] = 4.0
+    clean, spiked = (scale({"image": torch.from_numpy(v)})["image"] for v in (tissue, outliers))
+    pool = (slice(None), slice(26, 38), slice(26, 38))
+    assert float(clean.min()) == 0.0 and float(clean.max()) == 1.0
+    assert float(spiked[pool].mean()) == pytest.approx(float(clean[pool].mean()), abs=0.02)
+    assert float(spiked[pool].mean()) > 0.8  # min-max scaling would leave it at about 0.1
+
+
+def test_acdc_intensity_augmentation_changes_the_image_only():
+    _, augment = _acdc_slice_transforms(True)
+    _, plain = _acdc_slice_transforms(False)
+    image = torch.rand(1, 32, 32)
+    label = (image > 0.5).long()
+    changed = 0
+    for seed in range(20):
+        augment.set_random_state(seed)
+        plain.set_random_state(seed)
+        a, p = (t({"image": image.clone(), "label": label.clone()}) for t in (augment, plain))
+        assert torch.equal(a["label"], p["label"])  # same geometry: the intensity steps touch no label
+        changed += not torch.allclose(a["image"], p["image"])
+    assert 5 <= changed <= 15  # each of the three steps fires with p 0.15-0.3: about half the slices change
+
+
 # ----------------------------------------------------------------------------------------------------
 # MONAI bundle tooling, in-process (fast)
 
