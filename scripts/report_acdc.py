@@ -21,19 +21,26 @@ import fire
 import numpy as np
 
 NAMES = {
-    "fias_tiny_x4": "FIAS-tiny",
-    "basicunet_graph": "MONAI BasicUNet",
-    "swinunetr_graph": "MONAI SwinUNETR-2D (fs 48, v2)",
-    "fias_tiny_ds_final": "FIAS-tiny, loss on the summed output only",
-    "fias_tiny_lr2e-4": "FIAS-tiny, lr 2e-4",
-    "fias_tiny": "FIAS-tiny (x1 machine, earlier session)",
-    "fias_tiny_eager": "FIAS-tiny, eager step (earlier session)",
-    "basicunet_eager": "MONAI BasicUNet, eager step (earlier session)",
-    "swinunetr_eager": "MONAI SwinUNETR-2D, eager step (earlier session)",
+    "fias_tiny_pct_aug": "FIAS-tiny",
+    "basicunet_pct_aug": "MONAI BasicUNet",
+    "swinunetr_pct_aug": "MONAI SwinUNETR-2D (fs 48, v2)",
+    "fias_tiny_pct": "FIAS-tiny, no intensity augmentation",
+    "fias_tiny_x4": "FIAS-tiny, min-max scaling",
+    "basicunet_graph": "MONAI BasicUNet, min-max scaling",
+    "swinunetr_graph": "MONAI SwinUNETR-2D, min-max scaling",
+    "fias_tiny_ds_final": "FIAS-tiny, min-max, loss on the summed output only",
+    "fias_tiny_lr2e-4": "FIAS-tiny, min-max, lr 2e-4",
+    "fias_tiny": "FIAS-tiny, min-max (x1 machine, earlier session)",
+    "fias_tiny_eager": "FIAS-tiny, min-max, eager step (earlier session)",
+    "basicunet_eager": "MONAI BasicUNet, min-max, eager step (earlier session)",
+    "swinunetr_eager": "MONAI SwinUNETR-2D, min-max, eager step (earlier session)",
 }
-# the side-by-side runs (one host, one GPU each, same call) drawn in the curve and the figure
-CURVE_RUNS = "fias_tiny_x4,basicunet_graph,swinunetr_graph,fias_tiny_ds_final,fias_tiny_lr2e-4"
-FIGURE_RUNS = "fias_tiny_x4,basicunet_graph,swinunetr_graph"
+# the side-by-side runs of the current recipe (one host, one GPU each, same call) drawn in the curve and the
+# figure; the min-max runs of the previous recipe are drawn with --curve/--figure and --tag _minmax.
+# SwinUNETR's and FIAS-tiny's predictions of this recipe were not saved (the call's time limit), so the figure
+# shows FIAS-tiny without intensity augmentation (0.2 points below FIAS-tiny) next to BasicUNet.
+CURVE_RUNS = "fias_tiny_pct_aug,basicunet_pct_aug,swinunetr_pct_aug,fias_tiny_pct"
+FIGURE_RUNS = "fias_tiny_pct,basicunet_pct_aug"
 _TS = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
 
 
@@ -83,14 +90,15 @@ def _names(value) -> list[str]:
 
 
 def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CURVE_RUNS,
-         figure: str = FIGURE_RUNS, cases: str | None = None) -> None:
+         figure: str = FIGURE_RUNS, cases: str | None = None, tag: str = "") -> None:
     """Args:
         runs: folder of run_experiment outputs (``<name>_log.txt``, ``_results.json``, ``_val_preds.npz``).
         out: the bundle's docs folder.
         curve: comma-separated run names drawn in the validation curve.
         figure: comma-separated run names of the qualitative figure's columns.
         cases: comma-separated saved volumes shown as rows (default: the first and the last volume the
-            first figure run saved: patient019 is easy for all networks, patient021 is the hardest case).
+            first figure run saved: patient019 and patient021, the case min-max scaling made hard).
+        tag: appended to the two PNG names (``--tag _minmax`` for the previous recipe's runs).
     """
     runs_dir, out_dir = Path(runs), Path(out)
     (out_dir / "results").mkdir(parents=True, exist_ok=True)
@@ -147,7 +155,7 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "acdc_val_curve.png")
+    fig.savefig(out_dir / f"acdc_val_curve{tag}.png")
 
     order = [n for n in _names(figure) if (runs_dir / f"{n}_val_preds.npz").exists()]
     preds = {name: np.load(runs_dir / f"{name}_val_preds.npz") for name in order}
@@ -168,7 +176,7 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         rows = [io.imread(p) for p in panels]
         width = max(r.shape[1] for r in rows)
         rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-        io.imsave(out_dir / "acdc_qualitative.png", np.concatenate(rows, axis=0), check_contrast=False)
+        io.imsave(out_dir / f"acdc_qualitative{tag}.png", np.concatenate(rows, axis=0), check_contrast=False)
         for p in panels:
             Path(p).unlink()
         print("qualitative columns: image, ground truth, " + ", ".join(NAMES.get(n, n) for n in order), "; cases", cases)
