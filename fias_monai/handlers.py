@@ -33,8 +33,7 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
 
 def _is_main_process() -> bool:
     """False only on the ranks > 0 of an initialized ``torch.distributed`` process group (DDP)."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return idist.get_rank() == 0
 
 
 def _from_rank0(value: float) -> float:
