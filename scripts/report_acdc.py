@@ -142,15 +142,16 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for name in [n for n in _names(curve) if n in results]:
+    drawn = [n for n in _names(curve) if n in results]
+    for name in drawn:
         r = results[name]
         t = [row["time_s"] / 60 for row in r["val_history"]]
         ax.plot(t, [100 * row["val_mean_dice"] for row in r["val_history"]], marker=".", label=NAMES.get(name, name))
     ax.axhline(90, color="gray", lw=0.8, ls="--")
     ax.set_xlabel("training wall-clock time (min)")
     ax.set_ylabel("validation mean Dice (%)")
-    first = next((results[n] for n in _names(curve) if n in results), None)
-    ax.set_title(f"ACDC val.list, 3D protocol, {first['gpu'] if first else ''} (one per run)", fontsize=9)
+    gpu = results[drawn[0]]["gpu"] if drawn else ""
+    ax.set_title(f"ACDC val.list, 3D protocol, {gpu} (one per run)", fontsize=9)
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
