@@ -14,11 +14,12 @@ from pathlib import Path
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
+from monai.handlers import ValidationHandler
 
 from .utils import atomic_path
 
 __all__ = ["atomic_torch_save", "LastCheckpointHandler", "BestModelSaver", "ProgressBarHandler", "TimeBudgetHandler",
-           "MetricHistoryHandler", "OverlayHandler", "ThroughputHandler"]
+           "MetricHistoryHandler", "OverlayHandler", "ThroughputHandler", "PeriodicValidationHandler"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +95,14 @@ class BestModelSaver:
 
 
 class LastCheckpointHandler:
-    """Save everything needed to resume after every epoch; resume from it when asked.
+    """Save everything needed to resume every ``save_interval`` epochs and when training ends; resume
+    from it when asked.
 
     The checkpoint (atomic, ``<save_dir>/<filename>``) holds each ``save_dict`` entry's state dict
     plus the trainer's epoch and iteration. With ``resume=True`` and the file present, training
     continues at the next epoch with model, optimizer, scheduler and best metric restored, so a
-    killed run loses at most the epoch in progress. Under DDP attach it on every rank: every rank
-    resumes from the file, only rank 0 writes it.
+    killed run loses at most the ``save_interval`` epochs since the last save. Under DDP attach it on
+    every rank: every rank resumes from the file, only rank 0 writes it.
 
     Args:
         save_dir: folder of the checkpoint.
@@ -108,21 +110,33 @@ class LastCheckpointHandler:
             a :class:`BestModelSaver`...).
         resume: load the checkpoint at start when it exists.
         filename: checkpoint file name.
+        save_interval: save after every this many epochs (and always after the last one). FIAS-tiny's
+            model and Adam state are 0.45 GB, about 1.3 s to write: a tenth of a short ACDC epoch.
     """
 
     def __init__(self, save_dir: str | os.PathLike, save_dict: dict, resume: bool = False,
-                 filename: str = "last.pt") -> None:
+                 filename: str = "last.pt", save_interval: int = 1) -> None:
         from .transforms import as_bool  # the bundle CLI passes "false" as a (truthy) string
 
         self.path = Path(save_dir) / filename
         self.save_dict = {k: v for k, v in save_dict.items() if v is not None}
         self.resume = as_bool(resume, "resume")
+        if int(save_interval) < 1:
+            raise ValueError(f"save_interval must be a positive number of epochs, got {save_interval}")
+        self.save_interval = int(save_interval)
+        self._saved_epoch = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.load)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
+        engine.add_event_handler(Events.COMPLETED, self._save_if_unsaved)  # also after a time-budget stop
+
+    def _save_if_unsaved(self, engine: Engine) -> None:
+        if self._saved_epoch != engine.state.epoch:
+            self.save(engine)
 
     def save(self, engine: Engine) -> None:
+        self._saved_epoch = engine.state.epoch
         if not _is_main_process():
             return
         state = {k: getattr(v, "module", v).state_dict() for k, v in self.save_dict.items()}
@@ -175,14 +189,18 @@ class TimeBudgetHandler:
         minutes: the budget; None disables the handler.
         optimizer: its param groups' ``lr`` is set every iteration (from each group's initial lr).
         min_lr_ratio: the lr at the end of the budget, relative to the initial lr (1.0: constant).
+        warmup_iterations: linear warm-up over the first iterations (the lr of iteration ``i`` is
+            multiplied by ``i / warmup_iterations``), as the epoch schedule's warm-up does.
 
     Under DDP (attach it on every rank) rank 0's clock decides the lr and the stop for all ranks.
     """
 
-    def __init__(self, minutes: float | None, optimizer: torch.optim.Optimizer, min_lr_ratio: float = 0.01) -> None:
+    def __init__(self, minutes: float | None, optimizer: torch.optim.Optimizer, min_lr_ratio: float = 0.01,
+                 warmup_iterations: int = 0) -> None:
         self.budget_s = None if minutes is None else 60.0 * float(minutes)
         self.optimizer = optimizer
         self.min_lr_ratio = min_lr_ratio
+        self.warmup_iterations = int(warmup_iterations)
         self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
         self.start = None
         self.epoch_start = None
@@ -207,6 +225,8 @@ class TimeBudgetHandler:
     def _set_lr(self, engine: Engine) -> None:
         frac = _from_rank0(min(1.0, self.elapsed() / self.budget_s))  # DDP: one lr on every rank
         scale = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+        if self.warmup_iterations and engine.state.iteration <= self.warmup_iterations:  # 1-based: 1st step 1/warmup
+            scale *= engine.state.iteration / self.warmup_iterations
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             if isinstance(group["lr"], torch.Tensor):  # a CUDA-graphed step reads this tensor: update in place
                 group["lr"].fill_(base * scale)
@@ -219,6 +239,33 @@ class TimeBudgetHandler:
             logger.info("time budget of %.1f min reached after epoch %d (%.1f min elapsed)",
                         self.budget_s / 60, engine.state.epoch, self.elapsed() / 60)
             engine.terminate()
+
+
+class PeriodicValidationHandler(ValidationHandler):
+    """MONAI's ``ValidationHandler`` (every ``interval`` epochs) that also validates the last epoch.
+
+    With ``interval > 1`` the plain handler skips the final epochs, whose weights (at the end of the lr
+    decay) are usually the best: a run of 73 epochs with ``interval=5`` would keep epoch 70's model.
+    The last epoch is the trainer's ``max_epochs`` or the one after which a handler attached before
+    this one (:class:`TimeBudgetHandler`) called ``engine.terminate()``.
+
+    Args:
+        interval: validate after every this many epochs.
+        validator: the evaluator to run.
+    """
+
+    def __init__(self, interval: int, validator=None) -> None:
+        if int(interval) < 1:
+            raise ValueError(f"val_interval must be a positive number of epochs, got {interval}")
+        super().__init__(interval=int(interval), validator=validator, epoch_level=True)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._maybe_validate)
+
+    def _maybe_validate(self, engine: Engine) -> None:
+        epoch = engine.state.epoch
+        if epoch % self.interval == 0 or engine.should_terminate or epoch >= engine.state.max_epochs:
+            self(engine)
 
 
 class ThroughputHandler:

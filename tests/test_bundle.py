@@ -181,6 +181,28 @@ def test_acdc_intensity_augmentation_changes_the_image_only():
     assert 5 <= changed <= 15  # each of the three steps fires with p 0.15-0.3: about half the slices change
 
 
+def test_lr_schedule_warms_up_then_decays_to_the_floor(tmp_path):
+    from monai.bundle import ConfigParser
+
+    make_demo_dataset(tmp_path / "demo", num_train=2, num_val=1, shape=(64, 64, 4))  # 8 slices: 4 batches
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    parser.update({**TINY, "dataset_dir": str(tmp_path / "demo"), "batch_size": 2, "epochs": 5,
+                   "warmup_epochs": 1, "learning_rate": 1e-3, "min_lr_ratio": 0.01, "num_workers": 0,
+                   "cache_workers": 1, "device": "$torch.device('cpu')", "cuda_graph": False})
+    scheduler = parser.get_parsed_content("lr_scheduler")
+    assert len(parser.get_parsed_content("train#dataloader")) == 4
+    lrs = []
+    for _ in range(20):  # 5 epochs of 4 iterations, as LrScheduleHandler steps it
+        lrs.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    assert lrs[:5] == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear warm-up over the first epoch
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # then only down
+    assert lrs[12] == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 8 / 16)))  # cosine over the other 16
+    assert scheduler.get_last_lr()[0] == pytest.approx(1e-5)  # ends at lr * min_lr_ratio
+
+
 # ----------------------------------------------------------------------------------------------------
 # MONAI bundle tooling, in-process (fast)
 

@@ -9,6 +9,7 @@ from fias_monai.handlers import (
     BestModelSaver,
     LastCheckpointHandler,
     MetricHistoryHandler,
+    PeriodicValidationHandler,
     ThroughputHandler,
     TimeBudgetHandler,
     atomic_torch_save,
@@ -87,6 +88,55 @@ def test_last_checkpoint_resumes_epoch_and_optimizer(tmp_path):
     assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
 
 
+def test_last_checkpoint_every_n_epochs_and_after_the_last(tmp_path, monkeypatch):
+    import fias_monai.handlers as h
+
+    saved = []
+    monkeypatch.setattr(h, "atomic_torch_save", lambda state, path: saved.append(state["trainer"]["epoch"]))
+    net = torch.nn.Linear(1, 1)
+    trainer = Engine(lambda e, b: 0.0)
+    LastCheckpointHandler(tmp_path, {"model": net}, save_interval=2).attach(trainer)
+    trainer.run([0], max_epochs=5)
+    assert saved == [2, 4, 5]  # epoch 5 is not a multiple of 2 but the run ends there
+
+    saved.clear()
+    stopper = Engine(lambda e, b: 0.0)
+    stopper.add_event_handler(Events.EPOCH_COMPLETED(once=3), lambda e: e.terminate())  # a time-budget stop
+    LastCheckpointHandler(tmp_path, {"model": net}, save_interval=2).attach(stopper)
+    stopper.run([0], max_epochs=10)
+    assert saved == [2, 3]
+
+    saved.clear()
+    trainer = Engine(lambda e, b: 0.0)
+    LastCheckpointHandler(tmp_path, {"model": net}, save_interval=2).attach(trainer)
+    trainer.run([0], max_epochs=4)
+    assert saved == [2, 4]  # the last epoch was saved by the interval: not twice
+    with pytest.raises(ValueError, match="save_interval"):
+        LastCheckpointHandler(tmp_path, {"model": net}, save_interval=0)
+
+
+class _RecordingValidator:
+    def __init__(self):
+        self.epochs = []
+
+    def run(self, epoch):
+        self.epochs.append(epoch)
+
+
+@pytest.mark.parametrize("stop_at, expected", [(None, [3, 6, 7]), (4, [3, 4]), (6, [3, 6])])
+def test_periodic_validation_also_validates_the_last_epoch(stop_at, expected):
+    trainer = Engine(lambda e, b: 0.0)
+    if stop_at:  # attached before the validation handler, as the TimeBudgetHandler is in train.json
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_at), lambda e: e.terminate())
+    handler = PeriodicValidationHandler(interval=3)
+    handler.validator = val = _RecordingValidator()
+    handler.attach(trainer)
+    trainer.run([0], max_epochs=7)
+    assert val.epochs == expected
+    with pytest.raises(ValueError, match="val_interval"):
+        PeriodicValidationHandler(interval=0)
+
+
 def test_time_budget_decays_lr_and_stops(monkeypatch):
     import fias_monai.handlers as h
 
@@ -107,6 +157,25 @@ def test_time_budget_decays_lr_and_stops(monkeypatch):
     assert trainer.state.epoch == 5  # epoch 5 ends at 60 s exactly; a 6th would overrun the budget
     assert lrs[0] == 1.0 and lrs[-1] < lrs[0]
     assert math.isclose(lrs[2], 0.5 * (1 + math.cos(math.pi * 12 / 60)))
+
+
+def test_time_budget_warms_up_linearly(monkeypatch):
+    import fias_monai.handlers as h
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(h.time, "monotonic", lambda: clock["t"])
+    opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=2.0)
+    lrs = []
+
+    def step(engine, batch):
+        lrs.append(opt.param_groups[0]["lr"])
+        clock["t"] += 1.0
+        return 0.0
+
+    trainer = Engine(step)
+    TimeBudgetHandler(10.0, opt, min_lr_ratio=1.0, warmup_iterations=4).attach(trainer)  # constant after warm-up
+    trainer.run([0, 1], max_epochs=4)
+    assert lrs == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.0, 2.0, 2.0, 2.0])
 
 
 def test_atomic_save_leaves_no_partial_file(tmp_path):
