@@ -111,7 +111,10 @@ class GraphedSupervisedTrainer(SupervisedTrainer):
         static_inputs, static_targets = inputs.clone(), targets.clone()
         self.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated from the graph's pool
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: the DataLoader's pin-memory thread allocates pinned host memory meanwhile; under the
+        # default "global" mode such a call from another thread invalidates the capture (measured: SwinUNETR's
+        # long capture failed with cudaErrorStreamCaptureInvalidated on a 16-core H100 host)
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             pred, loss = self._step(static_inputs, static_targets)
         self._graph = graph
         self._graph_key = (inputs.shape, inputs.dtype, targets.shape, targets.dtype)
