@@ -21,9 +21,14 @@ import fire
 import numpy as np
 
 NAMES = {
-    "fias_tiny_pct_aug": "FIAS-tiny",
-    "basicunet_pct_aug": "MONAI BasicUNet",
-    "swinunetr_pct_aug": "MONAI SwinUNETR-2D (fs 48, v2)",
+    "fias_tiny_v5": "FIAS-tiny",
+    "basicunet_v5": "MONAI BasicUNet",
+    "swinunetr_v5": "MONAI SwinUNETR-2D (fs 48, v2)",
+    "fias_e50_w2_s0": "FIAS-tiny, 50 epochs, warm-up 2, seed 0",
+    "fias_e50_w2_s1": "FIAS-tiny, 50 epochs, warm-up 2, seed 1",
+    "fias_tiny_pct_aug": "FIAS-tiny, validation every epoch",
+    "basicunet_pct_aug": "MONAI BasicUNet, validation every epoch",
+    "swinunetr_pct_aug": "MONAI SwinUNETR-2D, validation every epoch",
     "fias_tiny_pct": "FIAS-tiny, no intensity augmentation",
     "fias_tiny_x4": "FIAS-tiny, min-max scaling",
     "basicunet_graph": "MONAI BasicUNet, min-max scaling",
@@ -35,12 +40,11 @@ NAMES = {
     "basicunet_eager": "MONAI BasicUNet, min-max, eager step (earlier session)",
     "swinunetr_eager": "MONAI SwinUNETR-2D, min-max, eager step (earlier session)",
 }
-# the side-by-side runs of the current recipe (one host, one GPU each, same call) drawn in the curve and the
-# figure; the min-max runs of the previous recipe are drawn with --curve/--figure and --tag _minmax.
-# SwinUNETR's and FIAS-tiny's predictions of this recipe were not saved (the call's time limit), so the figure
-# shows FIAS-tiny without intensity augmentation (0.2 points below FIAS-tiny) next to BasicUNet.
-CURVE_RUNS = "fias_tiny_pct_aug,basicunet_pct_aug,swinunetr_pct_aug,fias_tiny_pct"
-FIGURE_RUNS = "fias_tiny_pct,basicunet_pct_aug"
+# the runs of the current recipe (validation and checkpoint every 5th epoch) drawn in the curve and the figure;
+# the previous recipe's runs (validation every epoch) are drawn with --curve/--figure and --tag _every_epoch,
+# the min-max runs of the one before with --tag _minmax
+CURVE_RUNS = "fias_tiny_v5,basicunet_v5,swinunetr_v5"
+FIGURE_RUNS = "fias_tiny_v5,basicunet_v5,swinunetr_v5"
 _TS = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
 
 
