@@ -113,7 +113,7 @@ class GraphedSupervisedTrainer(SupervisedTrainer):
         graph = torch.cuda.CUDAGraph()
         # thread_local: the DataLoader's pin-memory thread allocates pinned host memory meanwhile; under the
         # default "global" mode such a call from another thread invalidates the capture (measured: SwinUNETR's
-        # long capture failed with cudaErrorStreamCaptureInvalidated on a 16-core H100 host)
+        # long capture failed with cudaErrorStreamCaptureInvalidated on a 16-core H100 host, and captured in this mode)
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             pred, loss = self._step(static_inputs, static_targets)
         self._graph = graph
