@@ -1,7 +1,5 @@
 """GraphedSupervisedTrainer: same updates as MONAI's SupervisedTrainer, CUDA graph where possible."""
 
-import copy
-
 import pytest
 import torch
 from ignite.engine import Events
