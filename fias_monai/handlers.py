@@ -111,7 +111,8 @@ class LastCheckpointHandler:
         resume: load the checkpoint at start when it exists.
         filename: checkpoint file name.
         save_interval: save after every this many epochs (and always after the last one). FIAS-tiny's
-            model and Adam state are 0.45 GB, about 1.3 s to write: a tenth of a short ACDC epoch.
+            model and Adam state are 0.45 GB, about 1.3 s to write after each 4.8-s training
+            epoch on ACDC (H100).
     """
 
     def __init__(self, save_dir: str | os.PathLike, save_dict: dict, resume: bool = False,
