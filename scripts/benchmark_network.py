@@ -17,6 +17,11 @@ fp64 run of the unfold reference.
 
     python scripts/benchmark_network.py --out results.json
 
+FIAS ablations (``:no_dmk``, ``:sum``, ``:conv_decoder`` after a FIAS name) show what each block costs:
+
+    python scripts/benchmark_network.py --eager "" --msda false \
+        --graph fias_tiny_gather,fias_tiny_gather:no_dmk,fias_tiny_gather:sum,fias_tiny_gather:conv_decoder,swinunetr
+
 Ratios in the printed table are against SwinUNETR-2D measured in the same run.
 """
 
@@ -38,10 +43,17 @@ from fias_monai.networks import FIAS
 from fias_monai.networks.blocks import msda_gathered, msda_reference, msda_shifted
 
 
+# FIAS ablations of the paper's Table 3, as a ":<ablation>" suffix (``fias_tiny_gather:no_dmk``): their
+# graph-mode cost against the full network shows where FIAS's step time goes
+ABLATIONS = {"no_dmk": {"use_dmk": False}, "sum": {"fusion": "sum"}, "conv_decoder": {"decoder": "conv"}}
+
+
 def build(name: str, classes: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     if name.startswith("fias"):
-        impl = name.split("_")[-1] if name.split("_")[-1] in ("unfold", "gather", "shift") else "shift"
-        return FIAS(1, classes, "tiny", attention_impl=impl), FeatureMixingLoss()
+        base, _, ablation = name.partition(":")
+        impl = base.split("_")[-1] if base.split("_")[-1] in ("unfold", "gather", "shift") else "shift"
+        return FIAS(1, classes, "tiny", attention_impl=impl, **ABLATIONS[ablation] if ablation else {}), \
+            FeatureMixingLoss()
     loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.4, lambda_ce=0.6)
     if name.startswith("swinunetr"):
         return SwinUNETR(spatial_dims=2, in_channels=1, out_channels=classes, feature_size=48, use_v2=True), loss
