@@ -41,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fias_monai.losses import FeatureMixingLoss
 from fias_monai.networks import FIAS
 from fias_monai.networks.blocks import msda_gathered, msda_reference, msda_shifted
+from fias_monai.transforms import as_bool
 
 
 # FIAS ablations of the paper's Table 3, as a ":<ablation>" suffix (``fias_tiny_gather:no_dmk``): their
@@ -214,7 +215,7 @@ def main(out: str = "benchmark_results.json", batch: int = 16, size: int = 256, 
         torch.cuda.empty_cache()
         save()
         print(json.dumps(results["models"][-1]), flush=True)
-    if msda:
+    if as_bool(msda, "msda"):  # fire passes "--msda false" as the string "false"
         results["msda"] = bench_msda()
         save()
     print_tables(results)
