@@ -41,20 +41,21 @@ from torch.utils.flop_counter import FlopCounterMode
 from fias_monai.losses import FeatureMixingLoss
 from fias_monai.networks import FIAS
 from fias_monai.networks.blocks import msda_gathered, msda_reference, msda_shifted
+from fias_monai.params import ABLATIONS
 from fias_monai.transforms import as_bool
 
 
-# FIAS ablations of the paper's Table 3, as a ":<ablation>" suffix (``fias_tiny_gather:no_dmk``): their
-# graph-mode cost against the full network shows where FIAS's step time goes
-ABLATIONS = {"no_dmk": {"use_dmk": False}, "sum": {"fusion": "sum"}, "conv_decoder": {"decoder": "conv"}}
+# FIAS ablations of the paper's Table 3 (fias_monai.params.ABLATIONS), as a ":<ablation>" suffix
+# (``fias_tiny_gather:no_dmk``): their graph-mode cost against the full network shows where FIAS's step time goes
+ABLATION_SUFFIXES = {"no_dmk": "no DMK", "sum": "Summation fusion", "conv_decoder": "no MixAtt"}
 
 
 def build(name: str, classes: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     if name.startswith("fias"):
         base, _, ablation = name.partition(":")
         impl = base.split("_")[-1] if base.split("_")[-1] in ("unfold", "gather", "shift") else "shift"
-        return FIAS(1, classes, "tiny", attention_impl=impl, **ABLATIONS[ablation] if ablation else {}), \
-            FeatureMixingLoss()
+        kwargs = ABLATIONS[ABLATION_SUFFIXES[ablation]] if ablation else {}
+        return FIAS(1, classes, "tiny", attention_impl=impl, **kwargs), FeatureMixingLoss()
     loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.4, lambda_ce=0.6)
     if name.startswith("swinunetr"):
         return SwinUNETR(spatial_dims=2, in_channels=1, out_channels=classes, feature_size=48, use_v2=True), loss
