@@ -37,6 +37,13 @@ def _is_main_process() -> bool:
     return idist.get_rank() == 0
 
 
+def _positive_epochs(value, name: str) -> int:
+    """``value`` as an int, or a ValueError naming the config key when it is below 1."""
+    if int(value) < 1:
+        raise ValueError(f"{name} must be a positive number of epochs, got {value}")
+    return int(value)
+
+
 def _from_rank0(value: float) -> float:
     """Under DDP, rank 0's ``value`` on every rank (a broadcast, so every rank must call it); else ``value``."""
     dist = torch.distributed
@@ -122,10 +129,7 @@ class LastCheckpointHandler:
         self.path = Path(save_dir) / filename
         self.save_dict = {k: v for k, v in save_dict.items() if v is not None}
         self.resume = as_bool(resume, "resume")
-        if int(save_interval) < 1:
-            raise ValueError(f"save_interval must be a positive number of epochs, got {save_interval}")
-        self.save_interval = int(save_interval)
-        self._saved_epoch = None
+        self.save_interval = _positive_epochs(save_interval, "save_interval")
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.load)
@@ -133,11 +137,10 @@ class LastCheckpointHandler:
         engine.add_event_handler(Events.COMPLETED, self._save_if_unsaved)  # also after a time-budget stop
 
     def _save_if_unsaved(self, engine: Engine) -> None:
-        if self._saved_epoch != engine.state.epoch:
+        if engine.state.epoch % self.save_interval:  # a multiple was saved at EPOCH_COMPLETED already
             self.save(engine)
 
     def save(self, engine: Engine) -> None:
-        self._saved_epoch = engine.state.epoch
         if not _is_main_process():
             return
         state = {k: getattr(v, "module", v).state_dict() for k, v in self.save_dict.items()}
@@ -256,9 +259,7 @@ class PeriodicValidationHandler(ValidationHandler):
     """
 
     def __init__(self, interval: int, validator=None) -> None:
-        if int(interval) < 1:
-            raise ValueError(f"val_interval must be a positive number of epochs, got {interval}")
-        super().__init__(interval=int(interval), validator=validator, epoch_level=True)
+        super().__init__(interval=_positive_epochs(interval, "val_interval"), validator=validator, epoch_level=True)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._maybe_validate)
