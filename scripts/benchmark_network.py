@@ -17,6 +17,8 @@ fp64 run of the unfold reference.
 
     python scripts/benchmark_network.py --out results.json
 
+Any model name takes a ``+cl`` suffix: weights and inputs in channels_last memory (``swinunetr+cl``).
+
 FIAS ablations (``:no_dmk``, ``:sum``, ``:conv_decoder`` after a FIAS name) show what each block costs:
 
     python scripts/benchmark_network.py --eager "" --msda false \
@@ -81,9 +83,12 @@ def cuda_time(fn, iters: int, warmup: int) -> list[float]:
 
 def bench_model(name: str, classes: int, batch: int, size: int, iters: int, warmup: int, mode: str) -> dict:
     torch.manual_seed(0)
-    net, loss_fn = build(name, classes)
+    # "+cl": weights and inputs in channels_last (NHWC) memory, which cuDNN's convolutions and
+    # batch norms prefer and which makes the DilateFormer's NCHW <-> NHWC permutes free views
+    fmt = torch.channels_last if name.endswith("+cl") else torch.contiguous_format
+    net, loss_fn = build(name.removesuffix("+cl"), classes)
     params = sum(p.numel() for p in net.parameters())
-    net = net.cuda()
+    net = net.cuda().to(memory_format=fmt)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         net.eval()(torch.randn(1, 1, size, size, device="cuda"))
     flops = counter.get_total_flops()
@@ -91,7 +96,7 @@ def bench_model(name: str, classes: int, batch: int, size: int, iters: int, warm
     model = torch.compile(net) if mode.startswith("compile") else net
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, weight_decay=1e-4, fused=True, capturable=graph)
     # several input sets so repeated steps do not replay one cached batch
-    xs = [torch.rand(batch, 1, size, size, device="cuda") for _ in range(4)]
+    xs = [torch.rand(batch, 1, size, size, device="cuda").contiguous(memory_format=fmt) for _ in range(4)]
     ys = [torch.randint(0, classes, (batch, 1, size, size), device="cuda") for _ in range(4)]
     static_x, static_y = xs[0].clone(), ys[0].clone()
 
@@ -135,7 +140,7 @@ def bench_model(name: str, classes: int, batch: int, size: int, iters: int, warm
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
 
     net.eval()
-    x1 = torch.rand(1, 1, size, size, device="cuda")
+    x1 = torch.rand(1, 1, size, size, device="cuda").contiguous(memory_format=fmt)
 
     def forward():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph):
