@@ -8,6 +8,12 @@ with the given config overlays and overrides, records wall-clock minutes, the GP
 
     python scripts/run_experiment.py --name fias_tiny --overlays bundle/configs/acdc.json \
         --workdir /tmp/runs --out results/ --overrides '{"dataset_dir": "/tmp/acdc"}'
+
+The same row evaluated again with other evaluation settings (the training is reused, not repeated;
+results in ``<name>_<eval_tag>_results.json``):
+
+    python scripts/run_experiment.py --name fias_tiny --overlays bundle/configs/acdc.json ... \
+        --eval_tag lcc --eval_overrides '{"keep_largest_component": True}'
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ def _bundle(run_id: str, configs: list[str], overrides: list[str], log: Path) ->
 
 
 def main(name: str, overlays: str, workdir: str = "/tmp/runs", out: str = "results", save_preds: int = 3,
-         overrides: dict | None = None) -> None:
+         overrides: dict | None = None, eval_tag: str = "", eval_overrides: dict | None = None) -> None:
     overlays_list = [o for o in overlays.split(",") if o]
     run_dir = Path(workdir) / name
     bundle_root = run_dir / "bundle"
@@ -85,21 +91,26 @@ def main(name: str, overlays: str, workdir: str = "/tmp/runs", out: str = "resul
         train_end = time.time()
         done_file.write_text(json.dumps({"run": run_key, "train_s": train_s, "start": train_start, "end": train_end,
                                          "gpu_samples": list(samples)}))
+    eval_dir = bundle_root / (f"eval_{eval_tag}" if eval_tag else "eval")
+    eval_args = common + [a for k, v in {"output_dir": eval_dir, **(eval_overrides or {})}.items()
+                          for a in (f"--{k}", str(v))]
     eval_s = _bundle("evaluating", ["bundle/configs/train.json", *overlays_list, "bundle/configs/evaluate.json"],
-                     common, log)
+                     eval_args, log)
     stop.set()
     sampler.join()
 
     import torch
 
-    summary = list(csv.DictReader(open(bundle_root / "eval" / "metrics_summary.csv")))
-    per_case = list(csv.DictReader(open(bundle_root / "eval" / "metrics_per_case.csv")))
+    summary = list(csv.DictReader(open(eval_dir / "metrics_summary.csv")))
+    per_case = list(csv.DictReader(open(eval_dir / "metrics_per_case.csv")))
     history = list(csv.DictReader(open(bundle_root / "logs" / "val_history.csv")))
     train_util = [s["util"] for s in samples if train_start + 60 < s["t"] < train_end]
+    result_name = f"{name}_{eval_tag}" if eval_tag else name
     result = {
-        "name": name,
+        "name": result_name,
         "overlays": overlays_list,
         "overrides": overrides,
+        "eval_overrides": eval_overrides or {},
         "command": f"python -m monai.bundle run training --config_file \"{['bundle/configs/train.json', *overlays_list]}\" "
                    + " ".join(common),
         "git_commit": os.environ.get("GIT_COMMIT") or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
@@ -115,12 +126,12 @@ def main(name: str, overlays: str, workdir: str = "/tmp/runs", out: str = "resul
         "val_history": history,
         "per_case": per_case,
     }
-    (out_dir / f"{name}_results.json").write_text(json.dumps(result, indent=1))
+    (out_dir / f"{result_name}_results.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("name", "gpu", "train_wall_minutes_incl_caching",
                                              "gpu_util_mean_during_training")}))
     for row in summary:
         print(row)
-    if save_preds:
+    if save_preds and not eval_tag:
         _save_predictions(name, overlays_list, overrides, out_dir, save_preds, log)
 
 

@@ -181,6 +181,36 @@ def test_acdc_intensity_augmentation_changes_the_image_only():
     assert 5 <= changed <= 15  # each of the three steps fires with p 0.15-0.3: about half the slices change
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_largest_component_postprocessing_is_one_switch_for_validation_evaluation_and_inference(keep):
+    from monai.bundle import ConfigParser
+
+    pipelines = {"validation": ([TRAIN, CONFIGS / "acdc.json"], "validate#postprocessing"),
+                 "evaluation": ([TRAIN, CONFIGS / "acdc.json", EVALUATE], "validate#postprocessing"),
+                 "inference": ([INFER, CONFIGS / "acdc.json"], "postprocessing")}
+    # a 3D prediction: a large LV (3) with a stray 8-voxel LV island, an RV (1) in two equal-sized
+    # pieces, MYO (2) absent
+    pred = torch.zeros(1, 32, 32, 6, dtype=torch.uint8)
+    pred[0, 8:20, 8:20, 1:5] = 3
+    pred[0, 28:30, 28:30, 2:4] = 3
+    pred[0, 0:4, 24:28, 0:2] = 1
+    pred[0, 0:4, 24:28, 4:6] = 1
+    for name, (configs, key) in pipelines.items():
+        parser = ConfigParser()
+        parser.read_config([str(c) for c in configs])
+        parser.update({"keep_largest_component": keep})
+        steps = parser.get_parsed_content(key).transforms
+        kinds = [type(t).__name__ for t in steps]
+        assert kinds[kinds.index("Invertd") + 1] == ("KeepLargestConnectedComponentd" if keep else "Identityd"), name
+    out = parser.get_parsed_content("largest_component")({"pred": pred.clone()})["pred"]
+    if not keep:
+        assert torch.equal(out, pred)
+        return
+    assert int((out == 3).sum()) == 12 * 12 * 4  # the island is gone, the LV kept whole
+    assert int((out == 1).sum()) == 4 * 4 * 2  # one of the two RV pieces is kept
+    assert int((out == 0).sum()) == pred.numel() - 12 * 12 * 4 - 4 * 4 * 2  # removed voxels become background
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor(tmp_path):
     from monai.bundle import ConfigParser
 
