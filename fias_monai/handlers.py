@@ -14,12 +14,14 @@ from pathlib import Path
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import TerminateOnNan
 from monai.handlers import ValidationHandler
 
 from .utils import atomic_path
 
 __all__ = ["atomic_torch_save", "LastCheckpointHandler", "BestModelSaver", "ProgressBarHandler", "TimeBudgetHandler",
-           "MetricHistoryHandler", "OverlayHandler", "ThroughputHandler", "PeriodicValidationHandler"]
+           "MetricHistoryHandler", "OverlayHandler", "ThroughputHandler", "PeriodicValidationHandler",
+           "TerminateOnNanHandler"]
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +192,7 @@ class TimeBudgetHandler:
     measure time to accuracy. Disabled when ``minutes`` is None.
 
     Args:
-        minutes: the budget; None disables the handler.
+        minutes: the budget; None or 0 disables the handler.
         optimizer: its param groups' ``lr`` is set every iteration (from each group's initial lr).
         min_lr_ratio: the lr at the end of the budget, relative to the initial lr (1.0: constant).
         warmup_iterations: linear warm-up over the first iterations (the lr of iteration ``i`` is
@@ -201,7 +203,8 @@ class TimeBudgetHandler:
 
     def __init__(self, minutes: float | None, optimizer: torch.optim.Optimizer, min_lr_ratio: float = 0.01,
                  warmup_iterations: int = 0) -> None:
-        self.budget_s = None if minutes is None else 60.0 * float(minutes)
+        # None or 0 switch the budget off (0 because MONAI's bundle CLI drops None overrides)
+        self.budget_s = 60.0 * float(minutes) if minutes else None
         self.optimizer = optimizer
         self.min_lr_ratio = min_lr_ratio
         self.warmup_iterations = int(warmup_iterations)
@@ -268,6 +271,18 @@ class PeriodicValidationHandler(ValidationHandler):
         epoch = engine.state.epoch
         if epoch % self.interval == 0 or engine.should_terminate or epoch >= engine.state.max_epochs:
             self(engine)
+
+
+class TerminateOnNanHandler(TerminateOnNan):
+    """ignite's ``TerminateOnNan`` with the ``attach`` that MONAI's engines call on their handlers: stop
+    training after the first iteration whose loss is NaN or infinite (a diverged run), with a warning.
+
+    Args:
+        output_transform: picks the loss from the engine's output (the bundle: ``from_engine(['loss'], first=True)``).
+    """
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
 
 class ThroughputHandler:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "bundle_cli_args"]
 
 
 @contextmanager
@@ -33,3 +33,18 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def bundle_cli_args(overrides: dict) -> list[str]:
+    """``--key value`` arguments for ``python -m monai.bundle run`` from a dict of config overrides.
+
+    MONAI's bundle CLI silently drops overrides whose value is None (the config's own value stays),
+    so a None here raises instead of being passed: a ``"max_minutes": None`` once left a 7.5-minute
+    time budget in force. Switch the time budget off with ``0``.
+    """
+    dropped = [k for k, v in overrides.items() if v is None]
+    if dropped:
+        raise ValueError(f"override(s) {dropped} are None, which `python -m monai.bundle run` ignores (the "
+                         f"config's value would stay); give a value instead (max_minutes: 0 switches the time "
+                         f"budget off)")
+    return [a for k, v in overrides.items() for a in (f"--{k}", str(v))]

@@ -10,7 +10,7 @@ together, and ``val_mean_dice`` per epoch). Reports images/s (median over epochs
 the validation Dice after the last epoch, with the speed-up and Dice difference against 1 GPU.
 
     python scripts/measure_ddp_scaling.py --gpus 1,2 --epochs 12 --overlays bundle/configs/acdc.json \
-        --overrides '{"dataset_dir": "/tmp/acdc", "max_minutes": null}' --out results/
+        --overrides '{"dataset_dir": "/tmp/acdc", "max_minutes": 0}' --out results/
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 import fire
+
+from fias_monai.utils import bundle_cli_args
 
 
 def _run(gpus: int, epochs: int, overlays: list[str], overrides: dict, workdir: Path, log: Path,
@@ -41,7 +43,7 @@ def _run(gpus: int, epochs: int, overlays: list[str], overrides: dict, workdir: 
         args["learning_rate"] = float(args.get("learning_rate", parser["learning_rate"])) * gpus
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc_per_node={gpus}",
            "-m", "monai.bundle", "run", "training", "--config_file", str(configs)]
-    cmd += [a for k, v in args.items() for a in (f"--{k}", "None" if v is None else str(v))]
+    cmd += bundle_cli_args(args)
     start = time.time()
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")

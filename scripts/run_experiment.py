@@ -29,6 +29,8 @@ from pathlib import Path
 
 import fire
 
+from fias_monai.utils import bundle_cli_args
+
 
 def _gpu_sampler(samples: list, stop: threading.Event) -> None:
     # nvidia-smi ignores CUDA_VISIBLE_DEVICES: ask for the run's own GPU, so that runs side by side on one
@@ -68,7 +70,7 @@ def main(name: str, overlays: str, workdir: str = "/tmp/runs", out: str = "resul
     out_dir.mkdir(parents=True, exist_ok=True)
     log = out_dir / f"{name}_log.txt"
     overrides = {"bundle_root": str(bundle_root), **(overrides or {})}
-    common = [a for k, v in overrides.items() for a in (f"--{k}", str(v))]
+    common = bundle_cli_args(overrides)
     samples: list = []
     stop = threading.Event()
     sampler = threading.Thread(target=_gpu_sampler, args=(samples, stop), daemon=True)
@@ -92,8 +94,7 @@ def main(name: str, overlays: str, workdir: str = "/tmp/runs", out: str = "resul
         done_file.write_text(json.dumps({"run": run_key, "train_s": train_s, "start": train_start, "end": train_end,
                                          "gpu_samples": list(samples)}))
     eval_dir = bundle_root / (f"eval_{eval_tag}" if eval_tag else "eval")
-    eval_args = common + [a for k, v in {"output_dir": eval_dir, **(eval_overrides or {})}.items()
-                          for a in (f"--{k}", str(v))]
+    eval_args = common + bundle_cli_args({"output_dir": eval_dir, **(eval_overrides or {})})
     eval_s = _bundle("evaluating", ["bundle/configs/train.json", *overlays_list, "bundle/configs/evaluate.json"],
                      eval_args, log)
     stop.set()

@@ -405,6 +405,20 @@ def inferred(workdir, trained):
 
 
 @pytest.mark.slow
+def test_a_diverging_training_stops_at_the_first_nan_loss(workdir):
+    # a learning rate of 1e30 sends the weights to inf after the first step: the run must stop there,
+    # not train on for the rest of its epochs
+    bundle_root = workdir / "diverged"
+    proc = _bundle("run", "training", "--config_file", str(TRAIN),
+                   overrides={**TINY, "epochs": 3, "batch_size": 2, "num_workers": 0, "cache_workers": 1,
+                              "learning_rate": 1e30, "bundle_root": str(bundle_root),
+                              "dataset_dir": str(workdir / "demo")})
+    log = proc.stdout + proc.stderr
+    assert "contains NaN or Inf. Stop training" in log
+    assert "Epoch[2]" not in log and "Epoch[3]" not in log  # stopped inside epoch 1
+
+
+@pytest.mark.slow
 def test_train_writes_checkpoints_and_logs(trained):
     from fias_monai.networks import FIAS
 
