@@ -131,6 +131,23 @@ def test_trace_and_state_dict_round_trip_reproduce_eager():
         assert torch.equal(other(x), ref)
 
 
+def test_channels_last_memory_gives_the_same_output_and_its_checkpoint_loads_into_nchw():
+    # the bundle trains in channels_last on a GPU (faster for FIAS); its weights must serve an NCHW network
+    net = FIAS(2, 4, **TINY_NET).double().eval()
+    x = torch.randn(2, 2, 64, 96, dtype=torch.float64)
+    with torch.no_grad():
+        ref = net(x)
+        cl = FIAS(2, 4, **TINY_NET).double().eval().to(memory_format=torch.channels_last)
+        cl.load_state_dict(net.state_dict())
+        assert cl.encoder.stem[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
+        out = cl(x.contiguous(memory_format=torch.channels_last))
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(out, ref, atol=1e-12)
+        back = FIAS(2, 4, **TINY_NET).double().eval()
+        back.load_state_dict(cl.state_dict())
+        assert torch.equal(back(x), ref)
+
+
 @pytest.mark.parametrize("dilation", [1, 2, 3])
 def test_shifted_msda_matches_unfold_reference(dilation):
     q, k, v = (torch.randn(2, 16, 11, 13, dtype=torch.float64) for _ in range(3))
