@@ -21,6 +21,18 @@ import fire
 import numpy as np
 
 NAMES = {
+    "fias_v6": "FIAS-tiny",
+    "basicunet_v6": "MONAI BasicUNet",
+    "swinunetr_v6": "MONAI SwinUNETR-2D (fs 48, v2)",
+    "fias_v6_lcc": "FIAS-tiny, largest component",
+    "basicunet_v6_lcc": "MONAI BasicUNet, largest component",
+    "swinunetr_v6_lcc": "MONAI SwinUNETR-2D, largest component",
+    "fias_w2_v6": "FIAS-tiny, warm-up 2 epochs",
+    "fias_w2_v6_lcc": "FIAS-tiny, warm-up 2 epochs, largest component",
+    "fias_lr1e-3_w2": "FIAS-tiny, lr 1e-3, warm-up 2",
+    "fias_lr1e-3_w2_lcc": "FIAS-tiny, lr 1e-3, warm-up 2, largest component",
+    "fias_lr2e-3_w2": "FIAS-tiny, lr 2e-3, warm-up 2 (diverged)",
+    "fias_tiny_v7": "FIAS-tiny, bundle 0.2.4 (channels_last, largest component), x1",
     "fias_tiny_v5": "FIAS-tiny",
     "basicunet_v5": "MONAI BasicUNet",
     "swinunetr_v5": "MONAI SwinUNETR-2D (fs 48, v2)",
@@ -40,10 +52,12 @@ NAMES = {
     "basicunet_eager": "MONAI BasicUNet, min-max, eager step (earlier session)",
     "swinunetr_eager": "MONAI SwinUNETR-2D, min-max, eager step (earlier session)",
 }
-# the runs of the current recipe (validation and checkpoint every 5th epoch) drawn in the curve and the figure;
+# the runs of the current recipe drawn in the curve (validation and checkpoint every 5th epoch; the curve's
+# validations are without the largest-component step, which the evaluation rows add) and the figure (the v5 runs:
+# the v6 ones saved no predictions);
 # the previous recipe's runs (validation every epoch) are drawn with --curve/--figure and --tag _every_epoch,
 # the min-max runs of the one before with --tag _minmax
-CURVE_RUNS = "fias_tiny_v5,basicunet_v5,swinunetr_v5"
+CURVE_RUNS = "fias_v6,basicunet_v6,swinunetr_v6"
 FIGURE_RUNS = "fias_tiny_v5,basicunet_v5,swinunetr_v5"
 _TS = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
 
@@ -107,14 +121,19 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     runs_dir, out_dir = Path(runs), Path(out)
     (out_dir / "results").mkdir(parents=True, exist_ok=True)
     results = {}
-    for log_path in sorted(runs_dir.glob("*_log.txt")):
-        name = log_path.name[: -len("_log.txt")]
+    logged = {p.name[: -len("_log.txt")] for p in runs_dir.glob("*_log.txt")}
+    # a row evaluated again with other settings (run_experiment --eval_tag) shares its training's log
+    retagged = {p.name[: -len("_results.json")] for p in runs_dir.glob("*_results.json")} - logged
+    for name in sorted(logged | retagged):
         path = runs_dir / f"{name}_results.json"
         if path.exists():
             r = json.loads(path.read_text())
         else:  # training finished but evaluation did not: keep what the training log measured
-            r = _from_training_log(name, log_path.read_text(errors="replace"))
-        log = (runs_dir / f"{r['name']}_log.txt").read_text(errors="replace")
+            r = _from_training_log(name, (runs_dir / f"{name}_log.txt").read_text(errors="replace"))
+        base = name if name in logged else max((n for n in logged if name.startswith(n + "_")), key=len, default=None)
+        if base is None:
+            continue
+        log = (runs_dir / f"{base}_log.txt").read_text(errors="replace")
         history = r["val_history"]
         if len(history) < 2:  # written by a MetricHistoryHandler that missed repeated validations
             history = curve_from_log(log)

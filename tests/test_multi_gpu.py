@@ -7,6 +7,7 @@ logging and saving) are exercised as under NCCL.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -61,7 +62,8 @@ def test_merged_config_ids_without_process_group():
                 "train#trainer#train_handlers", "validate#evaluator#val_handlers", "rank0_only_handlers#types"):
         assert id_ in parser, id_
     assert "DistributedDataParallel" in parser["network#_target_"]
-    assert parser["network#module"] == "$@network_def.to(@device)"
+    # DDP wraps exactly the single-GPU network (device, memory format): the two expressions must not drift
+    assert parser["network#module"] == json.loads(TRAIN.read_text())["network"]
     assert parser["train#sampler#_target_"] == parser["validate#sampler#_target_"] == "DistributedSampler"
     assert parser["train#sampler#shuffle"] is True and parser["validate#sampler#shuffle"] is False
     assert parser["train#dataloader#sampler"] == "@train#sampler" and parser["train#dataloader#shuffle"] is False

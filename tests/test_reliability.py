@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -237,9 +238,15 @@ def test_inference_never_overwrites_unless_asked_and_never_inputs(tiny_bundle, t
     # writing into the input folder with an empty postfix would replace the inputs: refused even with overwrite
     before = _digest(src)
     with pytest.raises(InferenceError) as e:
-        _infer(tiny_bundle, src, src, overwrite=True, **{"postprocessing#transforms#2#output_postfix": ""})
+        _infer(tiny_bundle, src, src, overwrite=True, **{f"postprocessing#transforms#{_saver_index()}#output_postfix": ""})
     assert len(e.value.failures) == 2 and all("would replace an input file" in r for _, r in e.value.failures)
     assert _digest(src) == before
+
+
+def _saver_index() -> int:
+    """Position of the SafeSaveImaged step in inference.json's postprocessing (found, not hard-coded)."""
+    steps = json.loads((REPO / "bundle" / "configs" / "inference.json").read_text())["postprocessing"]["transforms"]
+    return next(i for i, t in enumerate(steps) if isinstance(t, dict) and t.get("_target_", "").endswith("SafeSaveImaged"))
 
 
 def test_inference_loader_workers_only_for_volumes_after_the_first(tmp_path, monkeypatch):
