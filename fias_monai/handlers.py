@@ -189,7 +189,7 @@ class TimeBudgetHandler:
     and a stop at the end of the last epoch that fits.
 
     Used to give networks of different speeds the same training time (the ACDC comparison) and to
-    measure time to accuracy. Disabled when ``minutes`` is None.
+    measure time to accuracy. Disabled when ``minutes`` is None or 0.
 
     Args:
         minutes: the budget; None or 0 disables the handler.

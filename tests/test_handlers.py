@@ -159,6 +159,44 @@ def test_time_budget_decays_lr_and_stops(monkeypatch):
     assert math.isclose(lrs[2], 0.5 * (1 + math.cos(math.pi * 12 / 60)))
 
 
+@pytest.mark.parametrize("minutes", [None, 0, 0.0])
+def test_time_budget_off_with_none_or_zero(monkeypatch, minutes):
+    # 0 is the command line's way to switch it off: MONAI's bundle CLI ignores a None override
+    import fias_monai.handlers as h
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(h.time, "monotonic", lambda: clock["t"])
+    opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0)
+
+    def step(engine, batch):
+        clock["t"] += 600.0  # ten minutes an iteration: any budget would stop the run and decay the lr
+        return 0.0
+
+    trainer = Engine(step)
+    TimeBudgetHandler(minutes, opt).attach(trainer)
+    trainer.run([0], max_epochs=3)
+    assert trainer.state.epoch == 3 and opt.param_groups[0]["lr"] == 1.0
+
+
+def test_bundle_cli_args_refuse_none_which_monai_would_drop():
+    from fias_monai.utils import bundle_cli_args
+
+    assert bundle_cli_args({"epochs": 50, "max_minutes": 0, "lr": 1e-3}) == [
+        "--epochs", "50", "--max_minutes", "0", "--lr", "0.001"]
+    with pytest.raises(ValueError, match=r"\['max_minutes'\] are None.*max_minutes: 0"):
+        bundle_cli_args({"epochs": 50, "max_minutes": None})
+
+
+def test_terminate_on_nan_handler_stops_at_the_first_non_finite_loss():
+    from fias_monai.handlers import TerminateOnNanHandler
+
+    losses = [1.0, 0.5, float("nan"), 0.4, 0.3]
+    trainer = Engine(lambda engine, batch: {"loss": torch.tensor(losses[engine.state.iteration - 1])})
+    TerminateOnNanHandler(output_transform=lambda out: out["loss"]).attach(trainer)
+    trainer.run([0] * 5, max_epochs=1)
+    assert trainer.state.iteration == 3
+
+
 def test_time_budget_warms_up_linearly(monkeypatch):
     import fias_monai.handlers as h
 
