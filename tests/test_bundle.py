@@ -211,6 +211,19 @@ def test_largest_component_postprocessing_is_one_switch_for_validation_evaluatio
     assert int((out == 0).sum()) == pred.numel() - 12 * 12 * 4 - 4 * 4 * 2  # removed voxels become background
 
 
+@pytest.mark.parametrize("value, channels_last", [("false", False), ("true", True), (False, False), (True, True)])
+def test_channels_last_switch_takes_the_cli_strings(value, channels_last):
+    # python-fire passes --channels_last false as the string "false", which plain truthiness reads as on
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    parser.update({**{k: v for k, v in TINY.items() if k.startswith("network_def")}, "channels_last": value})
+    weight = parser.get_parsed_content("network").encoder.stem[1].conv.weight  # (32, 16, 3, 3)
+    assert weight.is_contiguous(memory_format=torch.channels_last) is channels_last
+    assert weight.is_contiguous() is not channels_last
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor(tmp_path):
     from monai.bundle import ConfigParser
 
