@@ -62,8 +62,8 @@ def test_merged_config_ids_without_process_group():
                 "train#trainer#train_handlers", "validate#evaluator#val_handlers", "rank0_only_handlers#types"):
         assert id_ in parser, id_
     assert "DistributedDataParallel" in parser["network#_target_"]
-    # DDP wraps exactly the single-GPU network (device, memory format): the two expressions must not drift
-    assert parser["network#module"] == json.loads(TRAIN.read_text())["network"]
+    # DDP wraps exactly the single-GPU network (device, memory format): both name the one expression
+    assert parser["network#module"] == json.loads(TRAIN.read_text())["network"] == "@network_on_device"
     assert parser["train#sampler#_target_"] == parser["validate#sampler#_target_"] == "DistributedSampler"
     assert parser["train#sampler#shuffle"] is True and parser["validate#sampler#shuffle"] is False
     assert parser["train#dataloader#sampler"] == "@train#sampler" and parser["train#dataloader#shuffle"] is False
