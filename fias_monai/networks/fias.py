@@ -48,8 +48,9 @@ class FIAS(nn.Module):
         decoder_heads: self-attention heads of the four decoder blocks, coarsest first.
         decoder_dropout: dropout of Eq. 7.
         drop_path_rate: DilateFormer stochastic depth.
-        attention_impl: MSDA implementation (``"gather"``, ``"unfold"`` or ``"shift"``; the same function;
-            "gather" is the fastest measured on an H100, see docs/benchmark.md).
+        attention_impl: MSDA implementation, the same function at different speeds: ``"auto"`` (the fused
+            Triton kernel on CUDA, plain PyTorch ``"gather"`` elsewhere), ``"fused"``, ``"gather"``,
+            ``"shift"`` or ``"unfold"`` (the reference); see docs/benchmark.md.
         pretrained_encoder: optional path of an official DilateFormer ImageNet checkpoint (a local
             file; nothing is downloaded).
 
@@ -65,7 +66,7 @@ class FIAS(nn.Module):
                  embed_dims: Sequence[int] | None = None, depths: Sequence[int] | None = None,
                  num_heads: Sequence[int] | None = None, use_dmk: bool = True, fusion: str = "caf",
                  decoder: str = "mixatt", decoder_heads: Sequence[int] = (8, 6, 4, 2), decoder_dropout: float = 0.1,
-                 drop_path_rate: float = 0.1, attention_impl: str = "gather",
+                 drop_path_rate: float = 0.1, attention_impl: str = "auto",
                  pretrained_encoder: str | os.PathLike | None = None) -> None:
         super().__init__()
         if variant not in FIAS_VARIANTS:

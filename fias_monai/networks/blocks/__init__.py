@@ -12,6 +12,7 @@ from .dilateformer import (
     msda_reference,
     msda_shifted,
 )
+from .msda_kernel import fused_msda_available, msda_fused
 from .dmk import DMKBlock, DMKEncoder
 from .mixatt import DECODERS, ConvDecoderBlock, MixAttBlock, MonteCarloAttention, make_decoder_block
 
@@ -30,6 +31,8 @@ __all__ = [
     "msda_gathered",
     "msda_reference",
     "msda_shifted",
+    "msda_fused",
+    "fused_msda_available",
     "DMKBlock",
     "DMKEncoder",
     "DECODERS",

@@ -23,6 +23,8 @@ from monai.networks.blocks.convolutions import Convolution
 from timm.layers import DropPath, trunc_normal_
 from timm.models import adapt_input_conv
 
+from fias_monai.networks.blocks.msda_kernel import fused_msda_available, msda_fused
+
 __all__ = [
     "msda_reference",
     "msda_shifted",
@@ -36,7 +38,7 @@ __all__ = [
     "ATTENTION_IMPLS",
 ]
 
-ATTENTION_IMPLS = ("shift", "unfold", "gather")
+ATTENTION_IMPLS = ("auto", "fused", "shift", "unfold", "gather")
 
 
 def msda_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, dilation: int,
@@ -116,15 +118,19 @@ class MultiScaleDilatedAttention(nn.Module):
         dilations: one dilation per channel group (DilateFormer: 1, 2, 3).
         kernel_size: window size per dilation.
         qkv_bias: bias of the 1x1 qkv projection.
-        impl: ``"shift"``, ``"gather"`` or ``"unfold"`` (the reference formulation): the same
-            function, different speed (see docs/benchmark.md).
+        impl: how the attention is computed; every choice is the same function, at different speed
+            (see docs/benchmark.md). ``"fused"``: one Triton kernel for all groups
+            (:func:`~fias_monai.networks.blocks.msda_kernel.msda_fused`, CUDA); ``"gather"``, ``"shift"``,
+            ``"unfold"`` (the reference formulation): plain PyTorch, any device; ``"auto"``: ``"fused"``
+            on CUDA where Triton is installed, ``"shift"`` under ``torch.compile`` (which fuses it
+            itself), ``"gather"`` otherwise.
 
     Shapes:
         (B, H, W, C) -> (B, H, W, C)
     """
 
     def __init__(self, dim: int, num_heads: int, dilations: Sequence[int] = (1, 2, 3), kernel_size: int = 3,
-                 qkv_bias: bool = True, impl: str = "shift") -> None:
+                 qkv_bias: bool = True, impl: str = "auto") -> None:
         super().__init__()
         if num_heads % len(dilations) or dim % num_heads:
             raise ValueError(f"MSDA needs heads ({num_heads}) divisible by the number of dilations "
@@ -136,13 +142,27 @@ class MultiScaleDilatedAttention(nn.Module):
         # A 1x1 conv as in the official code, so its checkpoint loads without reshaping.
         self.qkv = nn.Conv2d(dim, dim * 3, 1, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        # The fused kernel reads the dilations from device memory; a buffer moves with the module and
+        # needs no host-to-device copy per call (which a CUDA graph capture would refuse). Not saved.
+        self.register_buffer("dilation_table", torch.tensor(self.dilations, dtype=torch.int32), persistent=False)
+
+    def resolved_impl(self, x: torch.Tensor) -> str:
+        """The implementation ``forward`` uses for input ``x`` (``impl`` with ``"auto"`` resolved)."""
+        if self.impl != "auto":
+            return self.impl
+        if torch.compiler.is_compiling():
+            return "shift"
+        return "fused" if fused_msda_available(x) and self.kernel_size % 2 else "gather"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
         n = len(self.dilations)
         qkv = self.qkv(x.permute(0, 3, 1, 2))  # B,3C,H,W; channels ordered (qkv, group, head, d)
+        impl = self.resolved_impl(x)
+        if impl == "fused":
+            return self.proj(msda_fused(qkv, self.num_heads, self.dilation_table, self.kernel_size))
         qkv = qkv.reshape(b, 3, n, c // n, h, w)
-        fn = _MSDA_FNS[self.impl]
+        fn = _MSDA_FNS[impl]
         out = torch.cat([fn(qkv[:, 0, i], qkv[:, 1, i], qkv[:, 2, i], self.head_dim, d, self.kernel_size)
                          for i, d in enumerate(self.dilations)], dim=1)
         return self.proj(out.permute(0, 2, 3, 1))
@@ -181,7 +201,7 @@ class DilateFormerBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, dilated: bool, dilations: Sequence[int] = (1, 2, 3),
                  kernel_size: int = 3, mlp_ratio: float = 4.0, drop_path: float = 0.0,
-                 attention_impl: str = "gather") -> None:
+                 attention_impl: str = "auto") -> None:
         super().__init__()
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)  # conditional position encoding
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -238,7 +258,8 @@ class DilateFormer(nn.Module):
         kernel_size: MSDA window.
         mlp_ratio: MLP width ratio.
         drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
-        attention_impl: MSDA implementation, ``"gather"``, ``"unfold"`` or ``"shift"`` (same numbers).
+        attention_impl: MSDA implementation, one of ``ATTENTION_IMPLS`` (the same function; ``"auto"``
+            picks the fastest for the device, see :class:`MultiScaleDilatedAttention`).
         stem_width: width of the first stem conv (16 in DilateFormer).
 
     Shapes:
@@ -249,7 +270,7 @@ class DilateFormer(nn.Module):
                  depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
                  dilated_stages: Sequence[bool] = (True, True, False, False), dilations: Sequence[int] = (1, 2, 3),
                  kernel_size: int = 3, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1,
-                 attention_impl: str = "gather", stem_width: int = 16) -> None:
+                 attention_impl: str = "auto", stem_width: int = 16) -> None:
         super().__init__()
         if not (len(embed_dims) == len(depths) == len(num_heads) == len(dilated_stages)):
             raise ValueError("embed_dims, depths, num_heads and dilated_stages must have one entry per stage.")
