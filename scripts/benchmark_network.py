@@ -4,7 +4,7 @@ Times, at 256x256 with 9 classes and bf16 autocast:
   * training throughput (images/s) at batch 16: forward, loss, backward, optimizer step;
   * inference latency at batch 1 (median of CUDA-event timings);
   * peak GPU memory of the training step; parameters; forward FLOPs at batch 1.
-Models: FIAS-tiny (each MSDA formulation: "unfold" reference, "gather", "shift"), MONAI
+Models: FIAS-tiny (each MSDA formulation: "unfold" reference, "gather", "shift", "fused" Triton kernel), MONAI
 SwinUNETR(spatial_dims=2, feature_size=48, use_v2=True) and MONAI BasicUNet, every one with the same
 fused Adam optimizer, in two execution modes applied alike to all models:
   * eager: plain PyTorch;
@@ -12,8 +12,9 @@ fused Adam optimizer, in two execution modes applied alike to all models:
   * graph: the whole training step (forward, loss, backward, optimizer step) and the inference forward
     captured once in a CUDA graph and replayed (removes the per-kernel CPU launch cost, which dominates
     networks made of many small kernels).
-Also a micro-benchmark of the MSDA formulations on the stage-1 shape, with their error against an
-fp64 run of the unfold reference.
+Also micro-benchmarks of the MSDA formulations with their error against an fp64 run of the unfold
+reference: one dilation group at the stage-1 shape, and a whole MSDA layer (qkv projection, the three
+groups, output projection) at the stage-1 and stage-2 shapes, where the fused kernel takes part.
 
     python scripts/benchmark_network.py --out results.json
 
@@ -42,7 +43,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fias_monai.losses import FeatureMixingLoss
 from fias_monai.networks import FIAS
-from fias_monai.networks.blocks import msda_gathered, msda_reference, msda_shifted
+from fias_monai.networks.blocks import (
+    ATTENTION_IMPLS,
+    MultiScaleDilatedAttention,
+    msda_gathered,
+    msda_reference,
+    msda_shifted,
+)
 from fias_monai.params import ABLATIONS
 from fias_monai.transforms import as_bool
 
@@ -55,7 +62,7 @@ ABLATION_SUFFIXES = {"no_dmk": "no DMK", "sum": "Summation fusion", "conv_decode
 def build(name: str, classes: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     if name.startswith("fias"):
         base, _, ablation = name.partition(":")
-        impl = base.split("_")[-1] if base.split("_")[-1] in ("unfold", "gather", "shift") else "shift"
+        impl = base.split("_")[-1] if base.split("_")[-1] in ATTENTION_IMPLS else "shift"
         kwargs = ABLATIONS[ABLATION_SUFFIXES[ablation]] if ablation else {}
         return FIAS(1, classes, "tiny", attention_impl=impl, **kwargs), FeatureMixingLoss()
     loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.4, lambda_ce=0.6)
@@ -190,6 +197,38 @@ def bench_msda(batch: int = 16, channels: int = 24, size: int = 64, head_dim: in
     return rows
 
 
+def bench_msda_layer(batch: int = 16) -> list[dict]:
+    """Forward+backward of a whole MSDA layer of FIAS-tiny (stage 1: 64x64, 72 channels, 3 heads; stage 2:
+    32x32, 144 channels, 6 heads) in bf16 autocast, for every formulation with the same weights."""
+    rows = []
+    for stage, (size, dim, heads) in enumerate(((64, 72, 3), (32, 144, 6)), start=1):
+        torch.manual_seed(stage)
+        layers = {impl: MultiScaleDilatedAttention(dim, heads, impl=impl).cuda()
+                  for impl in ("unfold", "gather", "shift", "fused")}
+        for layer in layers.values():
+            layer.load_state_dict(layers["unfold"].state_dict())
+        x = torch.randn(batch, size, size, dim, device="cuda")
+        with torch.no_grad():
+            ref = layers["unfold"].double()(x.double())
+            layers["unfold"].float()
+        for impl, layer in layers.items():
+            xx = x.clone().requires_grad_()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = layer(xx)
+            rel = ((out.double() - ref).norm() / ref.norm()).item()
+
+            def step(layer=layer, xx=xx):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    o = layer(xx)
+                o.float().sum().backward()
+
+            times = cuda_time(step, 50, 10)
+            rows.append({"stage": stage, "shape": [batch, size, size, dim], "heads": heads, "impl": impl,
+                         "fwd_bwd_ms": 1000 * statistics.median(times), "rel_err_vs_fp64_ref": rel})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(out: str = "benchmark_results.json", batch: int = 16, size: int = 256, classes: int = 9,
          iters: int = 30, warmup: int = 10,
          eager: str = "fias_tiny_unfold,fias_tiny_gather,fias_tiny_shift,swinunetr,basicunet",
@@ -201,7 +240,7 @@ def main(out: str = "benchmark_results.json", batch: int = 16, size: int = 256, 
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "python": platform.python_version(), "batch": batch, "size": size, "classes": classes, "amp": "bf16",
            "optimizer": "Adam(fused=True)"}
-    results = {"env": env, "models": [], "msda": []}
+    results = {"env": env, "models": [], "msda": [], "msda_layer": []}
 
     def save():
         with open(out, "w") as f:
@@ -223,6 +262,8 @@ def main(out: str = "benchmark_results.json", batch: int = 16, size: int = 256, 
         print(json.dumps(results["models"][-1]), flush=True)
     if as_bool(msda, "msda"):  # fire passes "--msda false" as the string "false"
         results["msda"] = bench_msda()
+        save()
+        results["msda_layer"] = bench_msda_layer()
         save()
     print_tables(results)
 
@@ -254,6 +295,12 @@ def print_tables(results: dict) -> None:
         print("|---|---:|---:|")
         for r in results["msda"]:
             print(f"| {r['impl']} | {r['fwd_bwd_ms']:.3f} | {r['rel_err_vs_fp64_ref']:.2e} |")
+    if results.get("msda_layer"):
+        print("\n| MSDA layer (B=16, bf16) | impl | fwd+bwd ms | rel. error vs fp64 unfold |")
+        print("|---|---|---:|---:|")
+        for r in results["msda_layer"]:
+            print(f"| stage {r['stage']} {r['shape'][1]}x{r['shape'][2]}x{r['shape'][3]} | {r['impl']} | "
+                  f"{r['fwd_bwd_ms']:.3f} | {r['rel_err_vs_fp64_ref']:.2e} |")
 
 
 if __name__ == "__main__":

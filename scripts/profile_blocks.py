@@ -145,6 +145,13 @@ def profile_model(name: str, classes: int, batch: int, size: int, iters: int, wa
     loss_ms = graph_time(lambda *o: loss_fn(list(o) if len(o) > 1 else o[0], y), logits, [], iters, warmup)
     rows.append({"block": "loss", "calls": 1, "ms": loss_ms, "input": [list(o.shape) for o in logits]})
     print(f"{name} {'loss':40s} x1 {loss_ms:7.3f} ms", flush=True)
+    extra = {}
+    if getattr(loss_fn, "stacked", False):  # the same loss one DiceCELoss per subset, as before 0.2.5
+        loss_fn.stacked = False
+        extra["loss_per_subset_ms"] = graph_time(lambda *o: loss_fn(list(o) if len(o) > 1 else o[0], y), logits, [],
+                                                 iters, warmup)
+        loss_fn.stacked = True
+        print(f"{name} {'loss, one DiceCELoss per subset':40s} x1 {extra['loss_per_subset_ms']:7.3f} ms", flush=True)
 
     # the whole step but the optimizer (benchmark_network.py times it with the fused Adam step)
     def fwd_loss(inp):
@@ -154,7 +161,7 @@ def profile_model(name: str, classes: int, batch: int, size: int, iters: int, wa
     step_ms = graph_time(fwd_loss, [x], list(net.parameters()), iters, warmup)
     blocks_ms = sum(r["ms"] * r["calls"] for r in rows)
     return {"model": name, "channels_last": channels_last, "fwd_bwd_step_ms": step_ms, "blocks_ms": blocks_ms,
-            "rows": rows}
+            **extra, "rows": rows}
 
 
 def print_table(result: dict) -> None:
