@@ -233,7 +233,7 @@ def main(out: str = "benchmark_results.json", batch: int = 16, size: int = 256, 
          iters: int = 30, warmup: int = 10,
          eager: str = "fias_tiny_unfold,fias_tiny_gather,fias_tiny_shift,swinunetr,basicunet",
          graph: str = "fias_tiny_gather,fias_tiny_unfold,swinunetr,basicunet", compiled: str = "",
-         msda: bool = True) -> None:
+         msda: bool | str = True) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
@@ -260,9 +260,11 @@ def main(out: str = "benchmark_results.json", batch: int = 16, size: int = 256, 
         torch.cuda.empty_cache()
         save()
         print(json.dumps(results["models"][-1]), flush=True)
-    if as_bool(msda, "msda"):  # fire passes "--msda false" as the string "false"
-        results["msda"] = bench_msda()
-        save()
+    layer_only = str(msda).lower() == "layer"  # "--msda layer": only the whole-layer table (no torch.compile)
+    if layer_only or as_bool(msda, "msda"):  # fire passes "--msda false" as the string "false"
+        if not layer_only:
+            results["msda"] = bench_msda()
+            save()
         results["msda_layer"] = bench_msda_layer()
         save()
     print_tables(results)

@@ -47,7 +47,7 @@ def _configs() -> list:
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK_P": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK_P": p}, num_warps=w) for p in (32, 64, 128) for w in (2, 4, 8)]
+    return [triton.Config({"BLOCK_P": p}, num_warps=w) for p, w in ((32, 2), (64, 4), (128, 4))]
 
 
 if triton is not None:
@@ -75,22 +75,21 @@ if triton is not None:
         m = tl.full([BLOCK_P], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_P], tl.float32)
         acc = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
-        for i in tl.static_range(K):
-            for j in tl.static_range(K):
-                yy = y + (i - (K - 1) // 2) * dil
-                xx = x + (j - (K - 1) // 2) * dil
-                valid = pmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-                nb = (yy * s_h + xx * s_w)[:, None]
-                kv_mask = valid[:, None] & dmask[None, :]
-                k = tl.load(base + nb + C * s_c + ch[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-                v = tl.load(base + nb + 2 * C * s_c + ch[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-                s = tl.sum(q * k, axis=1)
-                m_new = tl.maximum(m, s)
-                alpha = tl.exp(m - m_new)
-                e = tl.exp(s - m_new)
-                l = l * alpha + e
-                acc = acc * alpha[:, None] + e[:, None] * v
-                m = m_new
+        for t in range(K * K):  # a loop, not unrolled: unrolling 9 steps made each compile take ~20 s
+            yy = y + (t // K - (K - 1) // 2) * dil
+            xx = x + (t % K - (K - 1) // 2) * dil
+            valid = pmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+            nb = (yy * s_h + xx * s_w)[:, None]
+            kv_mask = valid[:, None] & dmask[None, :]
+            k = tl.load(base + nb + C * s_c + ch[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+            v = tl.load(base + nb + 2 * C * s_c + ch[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+            s = tl.sum(q * k, axis=1)
+            m_new = tl.maximum(m, s)
+            alpha = tl.exp(m - m_new)
+            e = tl.exp(s - m_new)
+            l = l * alpha + e
+            acc = acc * alpha[:, None] + e[:, None] * v
+            m = m_new
         out = acc / l[:, None]
         tok = b.to(tl.int64) * H * W + p  # token index of the (B, H, W, ...) outputs
         tl.store(out_ptr + tok[:, None] * C + (head * HEAD_DIM + d)[None, :], out.to(out_ptr.dtype.element_ty),
@@ -129,36 +128,35 @@ if triton is not None:
         dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
         dk = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
-        for i in tl.static_range(K):
-            for j in tl.static_range(K):
-                oy = (i - (K - 1) // 2) * dil
-                ox = (j - (K - 1) // 2) * dil
-                # as a query: the neighbour at +offset is a key of this pixel
-                yy = y + oy
-                xx = x + ox
-                valid = pmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-                nb = (yy * s_h + xx * s_w)[:, None]
-                kv_mask = valid[:, None] & dmask[None, :]
-                kn = tl.load(qkv_ptr + base_off + nb + C * s_c + ch[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-                vn = tl.load(qkv_ptr + base_off + nb + 2 * C * s_c + ch[None, :], mask=kv_mask, other=0.0)
-                prob = tl.exp(tl.sum(q * kn, axis=1) * scale - lse)
-                ds = prob * (tl.sum(do * vn.to(tl.float32), axis=1) - delta)
-                dq += ds[:, None] * kn
-                # as a key: the query at -offset sees this pixel through the same offset
-                ry = y - oy
-                rx = x - ox
-                rvalid = pmask & (ry >= 0) & (ry < H) & (rx >= 0) & (rx < W)
-                r_mask = rvalid[:, None] & dmask[None, :]
-                rtok = tok0 + ry * W + rx
-                qr = tl.load(qkv_ptr + base_off + (ry * s_h + rx * s_w)[:, None] + ch[None, :], mask=r_mask,
-                             other=0.0).to(tl.float32)
-                dor = tl.load(dout_ptr + rtok[:, None] * C + dch, mask=r_mask, other=0.0).to(tl.float32)
-                lse_r = tl.load(lse_ptr + rtok * HEADS + head, mask=rvalid, other=0.0)
-                delta_r = tl.load(delta_ptr + rtok * HEADS + head, mask=rvalid, other=0.0)
-                prob_r = tl.where(rvalid, tl.exp(tl.sum(qr * k, axis=1) * scale - lse_r), 0.0)
-                ds_r = prob_r * (tl.sum(dor * v, axis=1) - delta_r)
-                dk += ds_r[:, None] * qr
-                dv += prob_r[:, None] * dor
+        for t in range(K * K):
+            oy = (t // K - (K - 1) // 2) * dil
+            ox = (t % K - (K - 1) // 2) * dil
+            # as a query: the neighbour at +offset is a key of this pixel
+            yy = y + oy
+            xx = x + ox
+            valid = pmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+            nb = (yy * s_h + xx * s_w)[:, None]
+            kv_mask = valid[:, None] & dmask[None, :]
+            kn = tl.load(qkv_ptr + base_off + nb + C * s_c + ch[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+            vn = tl.load(qkv_ptr + base_off + nb + 2 * C * s_c + ch[None, :], mask=kv_mask, other=0.0)
+            prob = tl.exp(tl.sum(q * kn, axis=1) * scale - lse)
+            ds = prob * (tl.sum(do * vn.to(tl.float32), axis=1) - delta)
+            dq += ds[:, None] * kn
+            # as a key: the query at -offset sees this pixel through the same offset
+            ry = y - oy
+            rx = x - ox
+            rvalid = pmask & (ry >= 0) & (ry < H) & (rx >= 0) & (rx < W)
+            r_mask = rvalid[:, None] & dmask[None, :]
+            rtok = tok0 + ry * W + rx
+            qr = tl.load(qkv_ptr + base_off + (ry * s_h + rx * s_w)[:, None] + ch[None, :], mask=r_mask,
+                         other=0.0).to(tl.float32)
+            dor = tl.load(dout_ptr + rtok[:, None] * C + dch, mask=r_mask, other=0.0).to(tl.float32)
+            lse_r = tl.load(lse_ptr + rtok * HEADS + head, mask=rvalid, other=0.0)
+            delta_r = tl.load(delta_ptr + rtok * HEADS + head, mask=rvalid, other=0.0)
+            prob_r = tl.where(rvalid, tl.exp(tl.sum(qr * k, axis=1) * scale - lse_r), 0.0)
+            ds_r = prob_r * (tl.sum(dor * v, axis=1) - delta_r)
+            dk += ds_r[:, None] * qr
+            dv += prob_r[:, None] * dor
         ty = dqkv_ptr.dtype.element_ty
         tl.store(dqkv_ptr + base_off + pix + ch[None, :], (dq * scale).to(ty), mask=own_mask)
         tl.store(dqkv_ptr + base_off + pix + C * s_c + ch[None, :], (dk * scale).to(ty), mask=own_mask)
