@@ -21,7 +21,7 @@ from .utils import atomic_path
 
 __all__ = ["atomic_torch_save", "LastCheckpointHandler", "BestModelSaver", "ProgressBarHandler", "TimeBudgetHandler",
            "MetricHistoryHandler", "OverlayHandler", "ThroughputHandler", "PeriodicValidationHandler",
-           "TerminateOnNanHandler"]
+           "TerminateOnNanHandler", "ReleaseLoaderWorkersHandler"]
 
 logger = logging.getLogger(__name__)
 
@@ -283,6 +283,34 @@ class TerminateOnNanHandler(TerminateOnNan):
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+
+class ReleaseLoaderWorkersHandler:
+    """Stop the training DataLoader's persistent workers as soon as training completes.
+
+    With ``persistent_workers`` and ``pin_memory`` (the bundle's loader on a GPU) PyTorch registers one
+    ``atexit`` join per worker, with a 5-s timeout, and nothing tells the idle workers to quit before
+    the interpreter exits: every GPU training process waited 5 s per worker at exit (10 workers: 50 s
+    between the end of ``threading`` shutdown and the last ``atexit`` handler, measured on an H100 host).
+    Shutting the iterator down here asks the workers to exit and joins them, so those joins return at once.
+
+    A persistent-worker DataLoader keeps its live iterator (``DataLoader._iterator``, private: there is no
+    public way to stop the workers but deleting the loader) for the next epoch; it is dropped here, and
+    the loader makes a new one, with new workers, if it is iterated again.
+    """
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        loader = engine.state.dataloader
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is None:
+            return
+        loader._iterator = None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 class ThroughputHandler:

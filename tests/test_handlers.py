@@ -236,3 +236,31 @@ def test_throughput_counts_images_between_first_and_last_iteration(monkeypatch):
     trainer.run(batches, max_epochs=2)
     # 5 batches of 4 images after the first one, in 5 * 2 s
     assert history == [pytest.approx(2.0), pytest.approx(2.0)]
+
+
+def test_release_loader_workers_handler_stops_persistent_workers_when_training_completes():
+    from torch.utils.data import DataLoader
+
+    from fias_monai.handlers import ReleaseLoaderWorkersHandler
+
+    def loader():
+        return DataLoader(list(range(8)), batch_size=2, num_workers=2, persistent_workers=True)
+
+    # without the handler the persistent workers outlive the run (PyTorch joins them only at exit)
+    plain = loader()
+    Engine(lambda e, batch: None).run(plain, max_epochs=2)
+    workers = list(plain._iterator._workers)
+    assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    plain._iterator._shutdown_workers()
+
+    # with it they are gone when run() returns, and the loader can run again with fresh workers
+    seen = {}
+    engine = Engine(lambda e, batch: None)
+    engine.add_event_handler(Events.COMPLETED, lambda e: seen.update(workers=list(e.state.dataloader._iterator._workers)))
+    ReleaseLoaderWorkersHandler().attach(engine)
+    data = loader()
+    engine.run(data, max_epochs=2)
+    assert len(seen["workers"]) == 2 and not any(w.is_alive() for w in seen["workers"])
+    assert data._iterator is None
+    engine.run(data, max_epochs=3)
+    assert engine.state.epoch == 3
