@@ -21,6 +21,11 @@ import fire
 import numpy as np
 
 NAMES = {
+    "fias_v7_fused": "FIAS-tiny, bundle 0.2.5 (fused MSDA kernel), x1",
+    "fias_v7": "FIAS-tiny, bundle 0.2.5 with the gather MSDA",
+    "fias_v7_m9.5": "FIAS-tiny, bundle 0.2.5 with the gather MSDA, 9.5-minute budget",
+    "fias_e50_m0_s0": "FIAS-tiny, 50 epochs (no time budget), warm-up 2, NCHW, seed 0",
+    "fias_e50_m0_s1": "FIAS-tiny, 50 epochs (no time budget), warm-up 2, NCHW, seed 1",
     "fias_v6": "FIAS-tiny",
     "basicunet_v6": "MONAI BasicUNet",
     "swinunetr_v6": "MONAI SwinUNETR-2D (fs 48, v2)",
@@ -52,12 +57,12 @@ NAMES = {
     "basicunet_eager": "MONAI BasicUNet, min-max, eager step (earlier session)",
     "swinunetr_eager": "MONAI SwinUNETR-2D, min-max, eager step (earlier session)",
 }
-# the runs of the current recipe drawn in the curve (validation and checkpoint every 5th epoch; the curve's
-# validations are without the largest-component step, which the evaluation rows add) and the figure (the v5 runs:
-# the v6 ones saved no predictions);
+# the runs of the current recipe drawn in the curve (validation and checkpoint every 5th epoch; the peers'
+# validations are without the largest-component step, which their evaluation rows add; FIAS's 0.2.5 run
+# validates with it) and the figure (the v5 runs: the later ones saved no predictions);
 # the previous recipe's runs (validation every epoch) are drawn with --curve/--figure and --tag _every_epoch,
 # the min-max runs of the one before with --tag _minmax
-CURVE_RUNS = "fias_v6,basicunet_v6,swinunetr_v6"
+CURVE_RUNS = "fias_v7_fused,basicunet_v6,swinunetr_v6"
 FIGURE_RUNS = "fias_tiny_v5,basicunet_v5,swinunetr_v5"
 _TS = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
 
