@@ -90,6 +90,9 @@ def test_auto_picks_plain_pytorch_on_cpu_and_the_buffer_stays_out_of_checkpoints
     assert not any("dilation_table" in k for k in FIAS(1, 4, **TINY_NET).state_dict())
     with pytest.raises(ValueError, match="impl must be one of"):
         MultiScaleDilatedAttention(24, 6, impl="triton")
+    if HAVE_TRITON and os.environ.get("TRITON_INTERPRET") != "1":  # forcing the kernel on CPU is a clear error, not a Triton trace
+        with pytest.raises(RuntimeError, match="CUDA tensors"):
+            MultiScaleDilatedAttention(24, 6, impl="fused")(x)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="the compiled kernel needs a GPU")

@@ -18,6 +18,7 @@ Triton's interpreter, which is how the CPU tests check them against the referenc
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -33,8 +34,6 @@ __all__ = ["msda_fused", "fused_msda_available"]
 
 def fused_msda_available(x: torch.Tensor) -> bool:
     """Whether :func:`msda_fused` can run on ``x``'s device (CUDA with Triton, or Triton's interpreter)."""
-    import os
-
     if triton is None:
         return False
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
@@ -43,8 +42,6 @@ def fused_msda_available(x: torch.Tensor) -> bool:
 def _configs() -> list:
     """Launch settings Triton's autotuner picks from, per feature-map shape, on first use. The interpreter
     (CPU tests) gets one, so it never benchmarks."""
-    import os
-
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK_P": 64}, num_warps=4)]
     return [triton.Config({"BLOCK_P": p}, num_warps=w) for p, w in ((32, 2), (64, 4), (128, 4))]
@@ -218,6 +215,9 @@ def msda_fused(qkv: torch.Tensor, num_heads: int, dilations: Sequence[int] | tor
     """
     if triton is None:
         raise RuntimeError("msda_fused needs Triton, which this torch installation lacks; use impl='gather'.")
+    if not fused_msda_available(qkv):
+        raise RuntimeError(f"msda_fused runs on CUDA tensors (or in Triton's interpreter, TRITON_INTERPRET=1); "
+                           f"got a tensor on {qkv.device}: use impl='auto' or 'gather' there.")
     if kernel_size % 2 != 1:
         raise ValueError(f"msda_fused needs an odd kernel_size, got {kernel_size}.")
     if not torch.is_tensor(dilations):
