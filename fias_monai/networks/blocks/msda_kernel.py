@@ -49,12 +49,13 @@ def _configs() -> list:
 
 if triton is not None:
 
-    @triton.autotune(configs=_configs(), key=["H", "W", "C", "HEADS"])
     @triton.jit
-    def _msda_fwd_kernel(qkv_ptr, out_ptr, lse_ptr, dil_ptr, s_b, s_c, s_h, s_w, H, W, C, HEADS, HEADS_PER_GROUP,
-                         HEAD_DIM, scale, K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _program_tile(dil_ptr, H, W, HEADS, HEADS_PER_GROUP, HEAD_DIM, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's work, the same in both kernels: batch item ``b`` and ``head`` (grid axis 1), the
+        head's dilation, and BLOCK_P pixels ``p`` (grid axis 0; row ``y``, column ``x``) by BLOCK_D
+        channels ``d``, with the masks of the pixels and channels that exist."""
         pid_p = tl.program_id(0)
-        pid_n = tl.program_id(1)  # one (batch item, head) pair
+        pid_n = tl.program_id(1)
         b = pid_n // HEADS
         head = pid_n % HEADS
         dil = tl.load(dil_ptr + head // HEADS_PER_GROUP)
@@ -64,6 +65,14 @@ if triton is not None:
         x = p % W
         d = tl.arange(0, BLOCK_D)
         dmask = d < HEAD_DIM
+        return b, head, dil, p, pmask, y, x, d, dmask
+
+    @triton.autotune(configs=_configs(), key=["H", "W", "C", "HEADS"])
+    @triton.jit
+    def _msda_fwd_kernel(qkv_ptr, out_ptr, lse_ptr, dil_ptr, s_b, s_c, s_h, s_w, H, W, C, HEADS, HEADS_PER_GROUP,
+                         HEAD_DIM, scale, K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+        b, head, dil, p, pmask, y, x, d, dmask = _program_tile(dil_ptr, H, W, HEADS, HEADS_PER_GROUP, HEAD_DIM,
+                                                               BLOCK_P, BLOCK_D)
         base = qkv_ptr + b.to(tl.int64) * s_b
         ch = (head * HEAD_DIM + d) * s_c
         pix = y * s_h + x * s_w
@@ -98,17 +107,8 @@ if triton is not None:
     def _msda_bwd_kernel(qkv_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, dil_ptr, s_b, s_c, s_h, s_w, H, W, C,
                          HEADS, HEADS_PER_GROUP, HEAD_DIM, scale, K: tl.constexpr, BLOCK_P: tl.constexpr,
                          BLOCK_D: tl.constexpr):
-        pid_p = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        b = pid_n // HEADS
-        head = pid_n % HEADS
-        dil = tl.load(dil_ptr + head // HEADS_PER_GROUP)
-        p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        pmask = p < H * W
-        y = p // W
-        x = p % W
-        d = tl.arange(0, BLOCK_D)
-        dmask = d < HEAD_DIM
+        b, head, dil, p, pmask, y, x, d, dmask = _program_tile(dil_ptr, H, W, HEADS, HEADS_PER_GROUP, HEAD_DIM,
+                                                               BLOCK_P, BLOCK_D)
         base_off = b.to(tl.int64) * s_b
         ch = (head * HEAD_DIM + d) * s_c
         pix = (y * s_h + x * s_w)[:, None]
