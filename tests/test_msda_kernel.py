@@ -28,7 +28,7 @@ needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not install
 _INTERPRETED_CHECK = r"""
 import json, torch
 from fias_monai.networks.blocks.msda_kernel import msda_fused
-from fias_monai.networks.blocks import msda_reference
+from fias_monai.networks.blocks import MultiScaleDilatedAttention, msda_reference
 torch.manual_seed(0)
 cases = [  # B, C, heads, H, W, dilations, channels_last
     (2, 12, 3, 9, 7, (1, 2, 3), False),
@@ -56,8 +56,7 @@ for b, c, heads, h, w, dil, cl in cases:
                      grad_scale=x64.grad.abs().max().item(), strides_kept=x32.grad.stride() == x32.stride()))
 # the module: impl="fused" against impl="unfold" with the same weights
 torch.manual_seed(1)
-from fias_monai.networks.blocks import MultiScaleDilatedAttention as a
-fused, ref = a(24, 6, impl="fused"), a(24, 6, impl="unfold")
+fused, ref = MultiScaleDilatedAttention(24, 6, impl="fused"), MultiScaleDilatedAttention(24, 6, impl="unfold")
 ref.load_state_dict(fused.state_dict())
 x = torch.randn(2, 8, 12, 24)
 rows.append(dict(module_err=(fused(x) - ref(x)).abs().max().item()))
