@@ -11,10 +11,14 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch.nn.modules.loss import _Loss
 
-__all__ = ["FeatureMixingLoss", "MIXING_MODES", "nonempty_subsets"]
+from .loss_kernel import MAX_MAPS, fused_loss_available, mixed_softmax_stats
+
+__all__ = ["FeatureMixingLoss", "MIXING_MODES", "LOSS_IMPLS", "nonempty_subsets"]
 
 # which combinations of the deep-supervision maps are scored (see FeatureMixingLoss)
 MIXING_MODES = ("all", "separate", "final")
+# how the stacked pass computes its sums: the fused Triton kernel where it runs (CUDA), else PyTorch
+LOSS_IMPLS = ("auto", "fused", "torch")
 # DiceCELoss options the stacked pass reproduces; any other falls back to one DiceCELoss per combination
 _STACKED_KWARGS = {"to_onehot_y", "softmax", "smooth_nr", "smooth_dr", "batch"}
 
@@ -33,11 +37,13 @@ class FeatureMixingLoss(_Loss):
     over subsets. A single tensor input is scored once, so the same loss also serves networks
     without deep supervision (and FIAS in eval mode).
 
-    All scored combinations are stacked and scored in one pass (one log-softmax, one one-hot of the
-    labels, batched reductions) instead of one :class:`~monai.losses.DiceCELoss` call per combination:
-    the same value, in a handful of large kernels instead of ~15 small ones per combination. Options
-    this pass does not implement (class weights, squared or Jaccard Dice, label smoothing, ...) fall
-    back to the per-combination DiceCELoss.
+    All scored combinations are scored in one pass instead of one :class:`~monai.losses.DiceCELoss`
+    call per combination, with the same value: Dice and CE need only a few sums per combination, batch
+    item and class (see :mod:`fias_monai.loss_kernel`). On CUDA one fused Triton kernel computes them
+    from the maps (``impl="auto"`` or ``"fused"``; it mixes in float32); elsewhere, or with
+    ``impl="torch"``, the combinations are stacked and go through one log-softmax and one one-hot.
+    Options this pass does not implement (class weights, squared or Jaccard Dice, label smoothing, ...)
+    fall back to the per-combination DiceCELoss.
 
     ``mixing`` selects the combinations scored, for the deep-supervision ablation: ``"all"`` the paper's
     7 subsets; ``"separate"`` each map alone (classic deep supervision, 3 terms); ``"final"`` only the sum
@@ -48,6 +54,8 @@ class FeatureMixingLoss(_Loss):
         lambda_ce: weight of the cross-entropy term (1 - gamma = 0.6).
         include_background: Dice over the background class too.
         mixing: ``"all"`` (paper), ``"separate"`` or ``"final"``, see above.
+        impl: ``"auto"`` (the fused kernel on CUDA, PyTorch elsewhere), ``"fused"`` or ``"torch"``: the
+            same function at different speeds.
         **dice_ce_kwargs: further arguments of :class:`monai.losses.DiceCELoss`.
 
     Shapes:
@@ -56,11 +64,14 @@ class FeatureMixingLoss(_Loss):
     """
 
     def __init__(self, lambda_dice: float = 0.4, lambda_ce: float = 0.6, include_background: bool = True,
-                 mixing: str = "all", **dice_ce_kwargs) -> None:
+                 mixing: str = "all", impl: str = "auto", **dice_ce_kwargs) -> None:
         super().__init__()
         if mixing not in MIXING_MODES:
             raise ValueError(f"FeatureMixingLoss: mixing must be one of {MIXING_MODES}, got {mixing!r}.")
-        self.mixing = mixing
+        if impl not in LOSS_IMPLS:
+            raise ValueError(f"FeatureMixingLoss: impl must be one of {LOSS_IMPLS}, got {impl!r}.")
+        self.mixing, self.impl = mixing, impl
+        self._tables: dict = {}
         dice_ce_kwargs.setdefault("to_onehot_y", True)
         dice_ce_kwargs.setdefault("softmax", True)
         self.map_loss = DiceCELoss(include_background=include_background, lambda_dice=lambda_dice,
@@ -80,35 +91,74 @@ class FeatureMixingLoss(_Loss):
             n = len(maps)
             subsets = {"all": nonempty_subsets(n), "separate": [(i,) for i in range(n)],
                        "final": [tuple(range(n))]}[self.mixing]
-        mixed = [_sum_maps(maps, subset) for subset in subsets]
         if not (self.stacked and target.ndim == maps[0].ndim and target.shape[1] == 1 and maps[0].shape[1] > 1):
+            if self.impl == "fused":
+                raise ValueError("FeatureMixingLoss(impl='fused') needs the stacked options (softmax Dice + CE on "
+                                 "one-channel class-index labels over several classes).")
             total = maps[0].new_zeros(())
-            for m in mixed:
-                total = total + self.map_loss(m, target)
+            for subset in subsets:
+                total = total + self.map_loss(_sum_maps(maps, subset), target)
             return total
-        return self._stacked_dice_ce(torch.stack(mixed), target)
+        if self._use_kernel(maps):
+            stats = mixed_softmax_stats(maps, self._mixing_table(subsets, len(maps), maps[0].device), target)
+        else:
+            stats = _stacked_stats(torch.stack([_sum_maps(maps, subset) for subset in subsets]), target)
+        return self._dice_ce(*stats, n_voxels=target[:, 0].numel())
 
-    def _stacked_dice_ce(self, mixed: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Sum over the S stacked logit maps (S, B, C, *spatial) of lambda_dice * Dice + lambda_ce * CE,
-        as DiceCELoss(to_onehot_y=True, softmax=True) scores each (mean over batch and classes)."""
-        n_classes = mixed.shape[2]
-        labels = target[:, 0].long()  # B, *spatial
-        log_prob = mixed.to(torch.promote_types(mixed.dtype, torch.float32)).log_softmax(dim=2)
-        ce = -log_prob.gather(2, labels.expand(mixed.shape[0], *labels.shape).unsqueeze(2))
-        ce = ce.flatten(1).mean(1)  # S: the mean over every voxel, as CrossEntropyLoss
-        onehot = F.one_hot(labels, n_classes).movedim(-1, 1).to(log_prob.dtype)  # B, C, *spatial
-        prob = log_prob.exp()
+    def _use_kernel(self, maps: list[torch.Tensor]) -> bool:
+        if self.impl == "torch":
+            return False
+        usable = (len(maps) <= MAX_MAPS and fused_loss_available(maps[0])
+                  and all(m.shape == maps[0].shape for m in maps))
+        if self.impl == "fused" and not usable:
+            raise RuntimeError(f"FeatureMixingLoss(impl='fused') runs on CUDA tensors (or in Triton's interpreter) "
+                               f"with 1 to {MAX_MAPS} maps of one shape; got {len(maps)} on {maps[0].device}. "
+                               "Use impl='auto'.")
+        return usable
+
+    def _mixing_table(self, subsets: list[tuple[int, ...]], n: int, device: torch.device) -> torch.Tensor:
+        """(S, n) 0/1 table of which maps each combination sums, made once per device: creating it inside
+        a captured CUDA graph would be a host-to-device copy, which capture forbids."""
+        key = (tuple(subsets), n, str(device))
+        if key not in self._tables:
+            table = torch.zeros(len(subsets), n)
+            for row, subset in enumerate(subsets):
+                table[row, list(subset)] = 1.0
+            self._tables[key] = table.to(device)
+        return self._tables[key]
+
+    def _dice_ce(self, ce: torch.Tensor, intersection: torch.Tensor, prob_sum: torch.Tensor,
+                 label_count: torch.Tensor, n_voxels: int) -> torch.Tensor:
+        """Sum over combinations of lambda_dice * Dice + lambda_ce * CE from the per-combination sums, as
+        DiceCELoss(to_onehot_y=True, softmax=True) scores each map (mean over batch and classes; CE the
+        mean over every voxel, as CrossEntropyLoss).
+
+        Args:
+            ce: (S, B) summed cross-entropy. intersection, prob_sum: (S, B, C). label_count: (B, C).
+            n_voxels: voxels per class map over the whole batch.
+        """
+        ce = ce.sum(1) / n_voxels
         if not self.include_background:
-            prob, onehot = prob[:, :, 1:], onehot[:, 1:]
+            intersection, prob_sum, label_count = intersection[..., 1:], prob_sum[..., 1:], label_count[..., 1:]
         dice_loss = self.map_loss.dice
-        dims = tuple(range(3, prob.ndim))
         if dice_loss.batch:
-            dims = (1, *dims)
-        intersection = (prob * onehot).sum(dims)
-        denominator = prob.sum(dims) + onehot.sum(tuple(d - 1 for d in dims))
-        dice = 1.0 - (2.0 * intersection + dice_loss.smooth_nr) / (denominator + dice_loss.smooth_dr)
-        dice = dice.flatten(1).mean(1)  # S
-        return (self.lambda_dice * dice + self.lambda_ce * ce).sum()
+            intersection, prob_sum, label_count = intersection.sum(1), prob_sum.sum(1), label_count.sum(0)
+        dice = 1.0 - (2.0 * intersection + dice_loss.smooth_nr) / (prob_sum + label_count + dice_loss.smooth_dr)
+        return (self.lambda_dice * dice.flatten(1).mean(1) + self.lambda_ce * ce).sum()
+
+
+def _stacked_stats(mixed: torch.Tensor, target: torch.Tensor):
+    """:func:`~fias_monai.loss_kernel.mixed_softmax_stats`'s sums in plain PyTorch, from the stacked
+    (S, B, C, *spatial) mixed logits: one log-softmax and one one-hot for all combinations."""
+    n_classes = mixed.shape[2]
+    labels = target[:, 0].long()  # B, *spatial
+    log_prob = mixed.to(torch.promote_types(mixed.dtype, torch.float32)).log_softmax(dim=2)
+    ce = -log_prob.gather(2, labels.expand(mixed.shape[0], *labels.shape).unsqueeze(2))
+    ce = ce.flatten(2).sum(2)  # S, B
+    onehot = F.one_hot(labels, n_classes).movedim(-1, 1).to(log_prob.dtype)  # B, C, *spatial
+    prob = log_prob.exp()
+    dims = tuple(range(3, prob.ndim))
+    return ce, (prob * onehot).sum(dims), prob.sum(dims), onehot.sum(tuple(d - 1 for d in dims))
 
 
 def _sum_maps(maps: list[torch.Tensor], subset: tuple[int, ...]) -> torch.Tensor:
