@@ -213,3 +213,25 @@ def test_monte_carlo_attention_eval_is_global_and_train_samples_a_cell():
     assert len(seen) > 3  # random over pool sizes and cells
     w = mca(x)
     assert w.shape == (2, 16, 1, 1) and ((w > 0) & (w < 1)).all()
+
+
+def test_padded_head_attention_is_sablock_with_the_same_weights():
+    from monai.networks.blocks import SABlock
+
+    from fias_monai.networks.blocks import PaddedHeadSABlock
+
+    torch.manual_seed(0)
+    for width, heads in ((72, 2), (20, 4), (48, 6)):  # 36- and 5-channel heads are padded, 8 is not
+        padded = PaddedHeadSABlock(width, heads, qkv_bias=True, use_flash_attention=True).double()
+        plain = SABlock(width, heads, qkv_bias=True, use_flash_attention=True).double()
+        plain.load_state_dict(padded.state_dict())  # same keys and shapes
+        x = torch.randn(2, 37, width, dtype=torch.float64, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        out, ref = padded(x), plain(x2)
+        assert out.shape == (2, 37, width)
+        assert (out - ref).abs().max().item() < 1e-12
+        out.square().sum().backward()
+        ref.square().sum().backward()
+        assert (x.grad - x2.grad).abs().max().item() < 1e-10
+        assert (padded.qkv.weight.grad - plain.qkv.weight.grad).abs().max().item() < 1e-10
+    assert isinstance(tiny().decoder_blocks[-1].mhsa, PaddedHeadSABlock)

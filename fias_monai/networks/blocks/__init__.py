@@ -14,7 +14,8 @@ from .dilateformer import (
 )
 from .msda_kernel import fused_msda_available, msda_fused
 from .dmk import DMKBlock, DMKEncoder
-from .mixatt import DECODERS, ConvDecoderBlock, MixAttBlock, MonteCarloAttention, make_decoder_block
+from .mixatt import (DECODERS, ConvDecoderBlock, MixAttBlock, MonteCarloAttention, PaddedHeadSABlock,
+                     make_decoder_block)
 
 __all__ = [
     "FUSIONS",
@@ -39,5 +40,6 @@ __all__ = [
     "ConvDecoderBlock",
     "MixAttBlock",
     "MonteCarloAttention",
+    "PaddedHeadSABlock",
     "make_decoder_block",
 ]
