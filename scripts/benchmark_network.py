@@ -19,6 +19,8 @@ groups, output projection) at the stage-1 and stage-2 shapes, where the fused ke
     python scripts/benchmark_network.py --out results.json
 
 Any model name takes a ``+cl`` suffix: weights and inputs in channels_last memory (``swinunetr+cl``).
+A FIAS name takes ``-v025`` before it: bundle 0.2.5's step (PyTorch LayerNorm, unpadded MixAtt heads, the
+loss in PyTorch), e.g. ``fias_tiny_fused-v025+cl``, to compare versions in one run.
 
 FIAS ablations (``:no_dmk``, ``:sum``, ``:conv_decoder`` after a FIAS name) show what each block costs:
 
@@ -35,9 +37,12 @@ import platform
 import statistics
 import time
 
+import types
+
 import fire
 import torch
 from monai.losses import DiceCELoss
+from monai.networks.blocks import SABlock
 from monai.networks.nets import BasicUNet, SwinUNETR
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -45,7 +50,9 @@ from fias_monai.losses import FeatureMixingLoss
 from fias_monai.networks import FIAS
 from fias_monai.networks.blocks import (
     ATTENTION_IMPLS,
+    FusedLayerNorm,
     MultiScaleDilatedAttention,
+    PaddedHeadSABlock,
     msda_gathered,
     msda_reference,
     msda_shifted,
@@ -59,12 +66,29 @@ from fias_monai.transforms import as_bool
 ABLATION_SUFFIXES = {"no_dmk": "no DMK", "sum": "Summation fusion", "conv_decoder": "no MixAtt"}
 
 
+def as_bundle_0_2_5(net: torch.nn.Module) -> torch.nn.Module:
+    """FIAS with PyTorch's LayerNorm and MONAI's unpadded SABlock instead of the 0.2.6 kernels (same
+    parameters), for the ``-v025`` rows: what each version's step costs, measured in one run."""
+    for m in net.modules():
+        if isinstance(m, FusedLayerNorm):
+            m.forward = types.MethodType(torch.nn.LayerNorm.forward, m)
+        if isinstance(m, PaddedHeadSABlock):
+            m.forward = types.MethodType(SABlock.forward, m)
+    return net
+
+
 def build(name: str, classes: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     if name.startswith("fias"):
         base, _, ablation = name.partition(":")
+        # "-v025": the 0.2.5 step (PyTorch LayerNorm, unpadded attention heads, loss in PyTorch)
+        legacy = base.endswith("-v025")
+        base = base.removesuffix("-v025")
         impl = base.split("_")[-1] if base.split("_")[-1] in ATTENTION_IMPLS else "shift"
         kwargs = ABLATIONS[ABLATION_SUFFIXES[ablation]] if ablation else {}
-        return FIAS(1, classes, "tiny", attention_impl=impl, **kwargs), FeatureMixingLoss()
+        net = FIAS(1, classes, "tiny", attention_impl=impl, **kwargs)
+        if legacy:
+            return as_bundle_0_2_5(net), FeatureMixingLoss(impl="torch")
+        return net, FeatureMixingLoss()
     loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.4, lambda_ce=0.6)
     if name.startswith("swinunetr"):
         return SwinUNETR(spatial_dims=2, in_channels=1, out_channels=classes, feature_size=48, use_v2=True), loss
@@ -110,7 +134,7 @@ def bench_model(name: str, classes: int, batch: int, size: int, iters: int, warm
     def fwd_bwd_step():
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph):
             out = model(static_x)
-            loss = loss_fn([o.float() for o in out] if isinstance(out, list) else out.float(), static_y)
+            loss = loss_fn(out, static_y)  # as the bundle's engine: the maps in their autocast dtype
         loss.backward()
         opt.step()
 

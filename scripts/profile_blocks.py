@@ -140,13 +140,19 @@ def profile_model(name: str, classes: int, batch: int, size: int, iters: int, wa
     # the loss on logits shaped as the network returns them
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         out = net(x)
-    logits = [o.float() for o in out] if isinstance(out, list) else [out.float()]
+    logits = out if isinstance(out, list) else [out]  # in the autocast dtype, as the engine's loss gets them
     logits = [torch.randn_like(o).requires_grad_() for o in logits]
     loss_ms = graph_time(lambda *o: loss_fn(list(o) if len(o) > 1 else o[0], y), logits, [], iters, warmup)
     rows.append({"block": "loss", "calls": 1, "ms": loss_ms, "input": [list(o.shape) for o in logits]})
     print(f"{name} {'loss':40s} x1 {loss_ms:7.3f} ms", flush=True)
     extra = {}
-    if getattr(loss_fn, "stacked", False):  # the same loss one DiceCELoss per subset, as before 0.2.5
+    if getattr(loss_fn, "impl", "torch") != "torch":  # the same loss in PyTorch's stacked pass, as in 0.2.5
+        loss_fn.impl = "torch"
+        extra["loss_torch_ms"] = graph_time(lambda *o: loss_fn(list(o) if len(o) > 1 else o[0], y), logits, [],
+                                            iters, warmup)
+        loss_fn.impl = "auto"
+        print(f"{name} {'loss, PyTorch stacked pass':40s} x1 {extra['loss_torch_ms']:7.3f} ms", flush=True)
+    if getattr(loss_fn, "stacked", False):  # one DiceCELoss per subset, as before 0.2.5
         loss_fn.stacked = False
         extra["loss_per_subset_ms"] = graph_time(lambda *o: loss_fn(list(o) if len(o) > 1 else o[0], y), logits, [],
                                                  iters, warmup)
@@ -155,8 +161,7 @@ def profile_model(name: str, classes: int, batch: int, size: int, iters: int, wa
 
     # the whole step but the optimizer (benchmark_network.py times it with the fused Adam step)
     def fwd_loss(inp):
-        out = net(inp)
-        return loss_fn([o.float() for o in out] if isinstance(out, list) else out.float(), y)
+        return loss_fn(net(inp), y)  # as the bundle's engine: the maps in their autocast dtype
 
     step_ms = graph_time(fwd_loss, [x], list(net.parameters()), iters, warmup)
     blocks_ms = sum(r["ms"] * r["calls"] for r in rows)

@@ -14,6 +14,7 @@ from .dilateformer import (
 )
 from .msda_kernel import fused_msda_available, msda_fused
 from .dmk import DMKBlock, DMKEncoder
+from .layernorm_kernel import FusedLayerNorm, fused_layer_norm_available, layer_norm_fused
 from .mixatt import (DECODERS, ConvDecoderBlock, MixAttBlock, MonteCarloAttention, PaddedHeadSABlock,
                      make_decoder_block)
 
@@ -34,6 +35,9 @@ __all__ = [
     "msda_shifted",
     "msda_fused",
     "fused_msda_available",
+    "FusedLayerNorm",
+    "fused_layer_norm_available",
+    "layer_norm_fused",
     "DMKBlock",
     "DMKEncoder",
     "DECODERS",

@@ -23,6 +23,7 @@ from monai.networks.blocks.convolutions import Convolution
 from timm.layers import DropPath, trunc_normal_
 from timm.models import adapt_input_conv
 
+from fias_monai.networks.blocks.layernorm_kernel import FusedLayerNorm
 from fias_monai.networks.blocks.msda_kernel import fused_msda_available, msda_fused
 
 __all__ = [
@@ -204,14 +205,14 @@ class DilateFormerBlock(nn.Module):
                  attention_impl: str = "auto") -> None:
         super().__init__()
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)  # conditional position encoding
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = FusedLayerNorm(dim, eps=1e-6)
         self.attn: nn.Module
         if dilated:
             self.attn = MultiScaleDilatedAttention(dim, num_heads, dilations, kernel_size, impl=attention_impl)
         else:
             self.attn = GlobalAttention(dim, num_heads)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = FusedLayerNorm(dim, eps=1e-6)
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio), dropout_rate=0.0, act="GELU")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from monai.networks.blocks import SABlock
 from monai.networks.blocks.convolutions import Convolution
 
+from fias_monai.networks.blocks.layernorm_kernel import FusedLayerNorm
+
 __all__ = ["MonteCarloAttention", "ConvDecoderBlock", "MixAttBlock", "PaddedHeadSABlock", "make_decoder_block",
            "DECODERS"]
 
@@ -145,7 +147,7 @@ class MixAttBlock(ConvDecoderBlock):
         super().__init__(spatial_dims, in_channels, out_channels, dropout)
         if out_channels % num_heads:
             raise ValueError(f"MixAtt width {out_channels} is not divisible by its {num_heads} heads.")
-        self.norm = nn.LayerNorm(out_channels)
+        self.norm = FusedLayerNorm(out_channels)
         self.mhsa = PaddedHeadSABlock(out_channels, num_heads, qkv_bias=True, use_flash_attention=True)
         self.mca = MonteCarloAttention(spatial_dims, out_channels)
         self.proj = Convolution(spatial_dims, out_channels, out_channels, kernel_size=1, conv_only=True)
