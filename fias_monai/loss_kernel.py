@@ -42,7 +42,7 @@ except ImportError:  # torch builds without Triton: the module imports, the kern
 __all__ = ["mixed_softmax_stats", "fused_loss_available", "MAX_MAPS"]
 
 MAX_MAPS = 3  # the kernel reads up to three maps (FIAS's deep-supervision heads)
-_BLOCK_P = 128  # pixels per program
+_PIX = 1024  # pixels per program of the forward kernel (its partial sums' granularity)
 
 
 def fused_loss_available(x: torch.Tensor) -> bool:
@@ -52,14 +52,22 @@ def fused_loss_available(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _configs() -> list:
+    """Pixel-tile sizes and warps Triton's autotuner picks from on first use per shape: wide tiles cut
+    the number of cross-thread reductions, narrow ones the registers per thread (the backward pass holds
+    a dozen tiles). The interpreter (CPU tests) gets one, with several sub-tiles per forward program."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_P": 128}, num_warps=4)]
+    return [triton.Config({"BLOCK_P": p}, num_warps=w) for p, w in ((32, 2), (64, 4), (128, 4), (128, 8), (256, 8))]
+
+
 if triton is not None:
 
     @triton.jit
-    def _tile(x0, x1, x2, lab_ptr, b, P, C, s0b, s0c, s0p, s1b, s1c, s1p, s2b, s2c, s2p,
+    def _tile(x0, x1, x2, lab_ptr, b, p, P, C, s0b, s0c, s0p, s1b, s1c, s1p, s2b, s2c, s2p,
               N_MAPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """This program's BLOCK_P pixels of batch item ``b``: the maps as float32 (BLOCK_P, BLOCK_C) tiles
+        """Pixels ``p`` (BLOCK_P of them) of batch item ``b``: the maps as float32 (BLOCK_P, BLOCK_C) tiles
         (absent maps are zeros), the one-hot labels, and the masks of existing pixels and classes."""
-        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         pm = p < P
         c = tl.arange(0, BLOCK_C)
         cm = c < C
@@ -91,31 +99,51 @@ if triton is not None:
         se = tl.sum(e, axis=1)
         return z, e / se[:, None], zmax + tl.log(se)
 
+    @triton.autotune(configs=_configs(), key=["P", "C", "S", "N_MAPS"])
     @triton.jit
     def _stats_fwd_kernel(x0, x1, x2, lab_ptr, w_ptr, ce_ptr, inter_ptr, psum_ptr, count_ptr, B, P, C, NBLK,
                           s0b, s0c, s0p, s1b, s1c, s1p, s2b, s2c, s2p, S: tl.constexpr, N_MAPS: tl.constexpr,
-                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                          PIX: tl.constexpr, S_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        # PIX pixels per program, in sub-tiles of BLOCK_P; the partial sums of every combination are
+        # accumulated as rows of small (S_PAD, BLOCK_C) tiles and written once. PIX is fixed, so the
+        # partial-sum layout is the same whichever BLOCK_P the autotuner picks.
         b = tl.program_id(1)
         blk = tl.program_id(0)
-        l0, l1, l2, onehot, pm, cm, m2, c = _tile(x0, x1, x2, lab_ptr, b, P, C, s0b, s0c, s0p, s1b, s1c, s1p,
-                                                  s2b, s2c, s2p, N_MAPS, BLOCK_P, BLOCK_C)
-        tl.store(count_ptr + (b * NBLK + blk) * BLOCK_C + c, tl.sum(onehot, axis=0))
-        for s in tl.static_range(S):
-            z, prob, lse = _softmax(w_ptr, s, l0, l1, l2, cm, N_MAPS)
-            z_label = tl.sum(tl.where(onehot > 0, z, 0.0), axis=1)
-            ce = tl.where(pm, lse - z_label, 0.0)
-            prob = tl.where(m2, prob, 0.0)
-            row = (s * B + b) * NBLK + blk
-            tl.store(ce_ptr + row, tl.sum(ce, axis=0))
-            tl.store(inter_ptr + row * BLOCK_C + c, tl.sum(prob * onehot, axis=0))
-            tl.store(psum_ptr + row * BLOCK_C + c, tl.sum(prob, axis=0))
+        srow = tl.arange(0, S_PAD)
+        acc_inter = tl.zeros([S_PAD, BLOCK_C], tl.float32)
+        acc_psum = tl.zeros([S_PAD, BLOCK_C], tl.float32)
+        acc_ce = tl.zeros([S_PAD], tl.float32)
+        acc_count = tl.zeros([BLOCK_C], tl.float32)
+        for start in range(0, PIX, BLOCK_P):
+            p = blk * PIX + start + tl.arange(0, BLOCK_P)
+            l0, l1, l2, onehot, pm, cm, m2, c = _tile(x0, x1, x2, lab_ptr, b, p, P, C, s0b, s0c, s0p, s1b, s1c, s1p,
+                                                      s2b, s2c, s2p, N_MAPS, BLOCK_P, BLOCK_C)
+            acc_count += tl.sum(onehot, axis=0)
+            for s in tl.static_range(S):
+                z, prob, lse = _softmax(w_ptr, s, l0, l1, l2, cm, N_MAPS)
+                z_label = tl.sum(tl.where(onehot > 0, z, 0.0), axis=1)
+                ce = tl.sum(tl.where(pm, lse - z_label, 0.0), axis=0)
+                prob = tl.where(m2, prob, 0.0)
+                this = (srow == s)[:, None]
+                acc_inter = tl.where(this, acc_inter + tl.sum(prob * onehot, axis=0)[None, :], acc_inter)
+                acc_psum = tl.where(this, acc_psum + tl.sum(prob, axis=0)[None, :], acc_psum)
+                acc_ce = tl.where(srow == s, acc_ce + ce, acc_ce)
+        c = tl.arange(0, BLOCK_C)
+        rows = (srow * B + b) * NBLK + blk
+        smask = srow < S
+        tl.store(ce_ptr + rows, acc_ce, mask=smask)
+        tl.store(inter_ptr + rows[:, None] * BLOCK_C + c[None, :], acc_inter, mask=smask[:, None])
+        tl.store(psum_ptr + rows[:, None] * BLOCK_C + c[None, :], acc_psum, mask=smask[:, None])
+        tl.store(count_ptr + (b * NBLK + blk) * BLOCK_C + c, acc_count)
 
+    @triton.autotune(configs=_configs(), key=["P", "C", "S", "N_MAPS"])
     @triton.jit
     def _stats_bwd_kernel(x0, x1, x2, lab_ptr, w_ptr, dce_ptr, dinter_ptr, dpsum_ptr, g0, g1, g2, B, P, C,
                           s0b, s0c, s0p, s1b, s1c, s1p, s2b, s2c, s2p, S: tl.constexpr, N_MAPS: tl.constexpr,
                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         b = tl.program_id(1)
-        l0, l1, l2, onehot, pm, cm, m2, c = _tile(x0, x1, x2, lab_ptr, b, P, C, s0b, s0c, s0p, s1b, s1c, s1p,
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        l0, l1, l2, onehot, pm, cm, m2, c = _tile(x0, x1, x2, lab_ptr, b, p, P, C, s0b, s0c, s0p, s1b, s1c, s1p,
                                                   s2b, s2c, s2p, N_MAPS, BLOCK_P, BLOCK_C)
         d0 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
         d1 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
@@ -135,7 +163,6 @@ if triton is not None:
                 d1 += tl.load(w_ptr + s * N_MAPS + 1) * dz
             if N_MAPS > 2:
                 d2 += tl.load(w_ptr + s * N_MAPS + 2) * dz
-        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         pp = p.to(tl.int64)[:, None]
         bb = b.to(tl.int64)
         tl.store(g0 + bb * s0b + c[None, :] * s0c + pp * s0p, d0.to(g0.dtype.element_ty), mask=m2)
@@ -160,14 +187,12 @@ def _flat_strides(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
 
 
 def _launch(maps: Sequence[torch.Tensor]):
-    b, c = maps[0].shape[:2]
     pixels = maps[0][0, 0].numel()
     flat = [_flat_strides(m) for m in maps]
     tensors = [t for t, _ in flat] + [flat[0][0]] * (MAX_MAPS - len(maps))
     strides = [s for _, st in flat for s in st] + [0, 0, 0] * (MAX_MAPS - len(maps))
-    block_c = max(triton.next_power_of_2(c), 2)
-    grid = (triton.cdiv(pixels, _BLOCK_P), b)
-    return tensors, strides, grid, block_c, pixels
+    block_c = max(triton.next_power_of_2(maps[0].shape[1]), 2)
+    return tensors, strides, block_c, pixels
 
 
 class _MixedSoftmaxStats(torch.autograd.Function):
@@ -175,15 +200,16 @@ class _MixedSoftmaxStats(torch.autograd.Function):
     def forward(ctx, weights: torch.Tensor, labels: torch.Tensor, *maps: torch.Tensor):
         s, n = weights.shape
         b, c = maps[0].shape[:2]
-        tensors, strides, grid, block_c, pixels = _launch(maps)
-        nblk = grid[0]
+        tensors, strides, block_c, pixels = _launch(maps)
+        nblk = triton.cdiv(pixels, _PIX)
         dev = maps[0].device
         ce = torch.empty(s, b, nblk, device=dev, dtype=torch.float32)
         inter = torch.empty(s, b, nblk, block_c, device=dev, dtype=torch.float32)
         psum = torch.empty_like(inter)
         count = torch.empty(b, nblk, block_c, device=dev, dtype=torch.float32)
-        _stats_fwd_kernel[grid](*tensors, labels, weights, ce, inter, psum, count, b, pixels, c, nblk, *strides,
-                                S=s, N_MAPS=n, BLOCK_P=_BLOCK_P, BLOCK_C=block_c, num_warps=4)
+        _stats_fwd_kernel[(nblk, b)](*tensors, labels, weights, ce, inter, psum, count, b, pixels, c, nblk, *strides,
+                                     S=s, N_MAPS=n, PIX=_PIX, S_PAD=max(triton.next_power_of_2(s), 2),
+                                     BLOCK_C=block_c)
         ctx.save_for_backward(weights, labels, *maps)
         # per-tile partial sums, added up in a fixed order: the same value on every run
         count = count.sum(1)[..., :c]
@@ -195,14 +221,17 @@ class _MixedSoftmaxStats(torch.autograd.Function):
         weights, labels, *maps = ctx.saved_tensors
         s, n = weights.shape
         b, c = maps[0].shape[:2]
-        tensors, strides, grid, block_c, pixels = _launch(maps)
+        tensors, strides, block_c, pixels = _launch(maps)
         grads = [torch.empty_like(t) for t in tensors[:n]]  # keeps each map's memory format
         d_ce = torch.zeros(s, b, device=weights.device) if d_ce is None else d_ce.float().contiguous()
         d_inter = torch.zeros(s, b, c, device=weights.device) if d_inter is None else d_inter.float().contiguous()
         d_psum = torch.zeros(s, b, c, device=weights.device) if d_psum is None else d_psum.float().contiguous()
         outs = grads + [grads[0]] * (MAX_MAPS - n)
+        def grid(meta):
+            return triton.cdiv(pixels, meta["BLOCK_P"]), b
+
         _stats_bwd_kernel[grid](*tensors, labels, weights, d_ce, d_inter, d_psum, *outs, b, pixels, c, *strides,
-                                S=s, N_MAPS=n, BLOCK_P=_BLOCK_P, BLOCK_C=block_c, num_warps=4)
+                                S=s, N_MAPS=n, BLOCK_C=block_c)
         return (None, None, *grads)
 
 

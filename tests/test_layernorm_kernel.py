@@ -94,13 +94,14 @@ def test_fused_layer_norm_on_gpu_bf16_and_in_a_cuda_graph():
     assert (w_grad - ln.weight.grad).abs().max().item() < 0.01 * ln.weight.grad.abs().max().item()
     assert (x.grad.float() - ref_x.grad).abs().max().item() < 0.02 * ref_x.grad.abs().max().item()
     static = x.detach().clone().requires_grad_()
+    ln.weight.grad = ln.bias.grad = None  # gradients made on the default stream must not be accumulated in capture
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         ln(static).float().square().sum().backward()
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
-    static.grad = None
+    static.grad = ln.weight.grad = ln.bias.grad = None
     with torch.cuda.graph(graph):
         out = ln(static)
         out.float().square().sum().backward()

@@ -20,7 +20,8 @@ from fias_monai.losses import FeatureMixingLoss
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 # impl="fused" (float32 maps) against impl="torch" (the same maps in float64): loss and map gradients,
-# over mixed memory formats, pixel counts that are not a multiple of the tile, 1-3 maps, class counts
+# over mixed memory formats, pixel counts that are not a multiple of the tile (and maps of several
+# tiles), 1-3 maps, class counts
 # that are not a power of two, and the options the stacked pass supports.
 _INTERPRETED_CHECK = r"""
 import json, torch
@@ -34,6 +35,7 @@ cases = [  # B, C, H, W, maps, channels_last per map, loss options
     (2, 3, 8, 8, 3, (False, False, False), {"mixing": "separate"}),
     (2, 3, 8, 8, 3, (False, False, False), {"mixing": "final"}),
     (2, 6, 130, 3, 1, (False,), {}),
+    (2, 4, 40, 30, 3, (True, False, True), {}),  # 1,200 pixels: two forward programs of several sub-tiles
 ]
 for b, c, h, w, n, cl, kw in cases:
     maps = [torch.randn(b, c, h, w) * 3 for _ in range(n)]
@@ -61,7 +63,7 @@ def test_fused_loss_matches_pytorch_in_triton_interpreter():
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(rows) == 6
+    assert len(rows) == 7
     for row in rows:
         assert row["loss_err"] < 1e-5 * max(1.0, row["loss"]), row  # float32 rounding
         assert row["grad_err"] < 1e-4 * row["grad_scale"], row  # a missing or wrong term is O(grad_scale)
