@@ -21,6 +21,14 @@ import fire
 import numpy as np
 
 NAMES = {
+    "fias_v8": "FIAS-tiny, bundle 0.2.6",
+    "fias_v8_s1": "FIAS-tiny, bundle 0.2.6, seed 1",
+    "fias_v8_aug": "FIAS-tiny, stronger spatial augmentation",
+    "fias_v8_aug_s1": "FIAS-tiny, stronger spatial augmentation, seed 1",
+    "fias_v8_b8": "FIAS-tiny, batch 8",
+    "fias_v8_b32": "FIAS-tiny, batch 32, lr 1e-3",
+    "basicunet_v8": "MONAI BasicUNet",
+    "swinunetr_v8": "MONAI SwinUNETR-2D (fs 48, v2)",
     "fias_v7_fused": "FIAS-tiny, bundle 0.2.5 (fused MSDA kernel), x1",
     "fias_v7": "FIAS-tiny, bundle 0.2.5 with the gather MSDA",
     "fias_v7_m9.5": "FIAS-tiny, bundle 0.2.5 with the gather MSDA, 9.5-minute budget",
@@ -57,13 +65,12 @@ NAMES = {
     "basicunet_eager": "MONAI BasicUNet, min-max, eager step (earlier session)",
     "swinunetr_eager": "MONAI SwinUNETR-2D, min-max, eager step (earlier session)",
 }
-# the runs of the current recipe drawn in the curve (validation and checkpoint every 5th epoch; the peers'
-# validations are without the largest-component step, which their evaluation rows add; FIAS's 0.2.5 run
-# validates with it) and the figure (the v5 runs: the later ones saved no predictions);
-# the previous recipe's runs (validation every epoch) are drawn with --curve/--figure and --tag _every_epoch,
-# the min-max runs of the one before with --tag _minmax
-CURVE_RUNS = "fias_v7_fused,basicunet_v6,swinunetr_v6"
-FIGURE_RUNS = "fias_tiny_v5,basicunet_v5,swinunetr_v5"
+# the runs of the current recipe drawn in the curve and the figure: bundle 0.2.6, the three networks trained
+# side by side in one session on one host (validation and checkpoint every 5th epoch, the largest-component
+# step in validation); the previous recipe's runs (validation every epoch) are drawn with --curve/--figure
+# and --tag _every_epoch, the min-max runs of the one before with --tag _minmax
+CURVE_RUNS = "fias_v8,basicunet_v8,swinunetr_v8"
+FIGURE_RUNS = "fias_v8,basicunet_v8,swinunetr_v8"
 _TS = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
 
 
