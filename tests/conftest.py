@@ -1,3 +1,8 @@
+import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -12,6 +17,21 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # A narrow FIAS for CPU tests: every block of the real one, a fraction of the width and depth.
 TINY_NET = dict(embed_dims=(24, 48, 96, 192), depths=(1, 1, 1, 1), num_heads=(3, 6, 12, 24),
                 decoder_heads=(8, 6, 4, 2))
+
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed with this torch build")
+
+
+def run_in_triton_interpreter(script: str) -> list:
+    """Run ``script`` in a subprocess with ``TRITON_INTERPRET=1`` (Triton reads it when it decorates the
+    kernels, so it cannot be switched on inside this process) and return the JSON its last line prints.
+    The repository goes on the front of the caller's PYTHONPATH (the GPU machine's packages live there)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(autouse=True)

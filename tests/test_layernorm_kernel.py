@@ -9,20 +9,13 @@ graph test, which failed after it only because the failed capture left the CUDA 
 not rerun.
 """
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO
+from conftest import HAVE_TRITON, needs_triton, run_in_triton_interpreter
 from fias_monai.networks.blocks import FusedLayerNorm
 
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 # float32 kernel against float64 F.layer_norm: output and the x, weight and bias gradients (relative to
 # their largest entry), for FIAS's widths, a width that is not a power of two, and rows that do not fill
@@ -54,14 +47,9 @@ print(json.dumps(rows))
 """
 
 
-@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed with this torch build")
+@needs_triton
 def test_fused_layer_norm_matches_pytorch_in_triton_interpreter():
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    run = subprocess.run([sys.executable, "-c", _INTERPRETED_CHECK], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    rows = json.loads(run.stdout.strip().splitlines()[-1])
+    rows = run_in_triton_interpreter(_INTERPRETED_CHECK)
     assert len(rows) == 5
     for row in rows[:-1]:
         assert row["out_err"] < 1e-5, row  # float32 rounding; a wrong mean or variance is O(1)

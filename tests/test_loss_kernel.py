@@ -5,24 +5,17 @@ kernels, so the check runs in a subprocess); on a GPU the compiled kernels are c
 a captured CUDA graph, as the bundle trains.
 """
 
-import importlib.util
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import HAVE_TRITON, needs_triton, run_in_triton_interpreter
 from fias_monai.losses import FeatureMixingLoss
-
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 # impl="fused" (float32 maps) against impl="torch" (the same maps in float64): loss and map gradients,
 # over mixed memory formats, pixel counts that are not a multiple of the tile (and maps of several
-# tiles), 1-3 maps, class counts
-# that are not a power of two, and the options the stacked pass supports.
+# tiles), 1-3 maps, class counts that are not a power of two, and the options the stacked pass supports.
 _INTERPRETED_CHECK = r"""
 import json, torch
 from fias_monai.losses import FeatureMixingLoss
@@ -55,14 +48,9 @@ print(json.dumps(rows))
 """
 
 
-@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed with this torch build")
+@needs_triton
 def test_fused_loss_matches_pytorch_in_triton_interpreter():
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # keep the caller's
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    run = subprocess.run([sys.executable, "-c", _INTERPRETED_CHECK], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    rows = json.loads(run.stdout.strip().splitlines()[-1])
+    rows = run_in_triton_interpreter(_INTERPRETED_CHECK)
     assert len(rows) == 7
     for row in rows:
         assert row["loss_err"] < 1e-5 * max(1.0, row["loss"]), row  # float32 rounding

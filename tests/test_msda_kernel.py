@@ -5,22 +5,16 @@ decorates the kernels, so those checks run in a subprocess); on a GPU the compil
 too, in bf16 autocast and inside a CUDA graph as the bundle trains.
 """
 
-import importlib.util
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, TINY_NET
+from conftest import HAVE_TRITON, TINY_NET, needs_triton, run_in_triton_interpreter
 from fias_monai.networks import FIAS
 from fias_monai.networks.blocks import MultiScaleDilatedAttention, msda_reference
 
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed with this torch build")
 
 # Run in the interpreter: max |fused - reference| for the output and the qkv gradient, float32 kernel
 # against a float64 reference, over layouts, non-square maps, 1 and 2 heads per group, a head width
@@ -66,12 +60,7 @@ print(json.dumps(rows))
 
 @needs_triton
 def test_fused_kernel_matches_reference_in_triton_interpreter():
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # keep the caller's
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    run = subprocess.run([sys.executable, "-c", _INTERPRETED_CHECK], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    rows = json.loads(run.stdout.strip().splitlines()[-1])
+    rows = run_in_triton_interpreter(_INTERPRETED_CHECK)
     for row in rows[:-1]:
         assert row["out_err"] < 1e-5, row  # float32 rounding; a wrong neighbour or padding is O(1)
         assert row["grad_err"] < 1e-5 * max(1.0, row["grad_scale"]), row
