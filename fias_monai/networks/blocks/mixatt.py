@@ -93,7 +93,8 @@ class PaddedHeadSABlock(SABlock):
         if not pad or attn_mask is not None or not self.use_flash_attention or not self.use_combined_linear \
                 or self.rel_positional_embedding is not None:
             return super().forward(x, attn_mask)
-        q, k, v = self.input_rearrange(self.qkv(x))  # each B, heads, N, dim_head
+        qkv = self.input_rearrange(self.qkv(x))  # 3, B, heads, N, dim_head
+        q, k, v = qkv[0], qkv[1], qkv[2]  # indexed, not unpacked: TorchScript tracing stays exact
         if self.attention_dtype is not None:
             q, k = q.to(self.attention_dtype), k.to(self.attention_dtype)
         q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
