@@ -3,15 +3,19 @@
 * a row trains once and evaluates; ``--eval_tag`` evaluates the same trained model again with other
   evaluation settings into ``<name>_<tag>_results.json`` without training again;
 * a ``None`` override is refused before anything runs (MONAI's bundle CLI would drop it silently).
+
+And the label-resampling ceiling of ``scripts/resolution_ceiling.py`` on a synthetic label.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -54,3 +58,20 @@ def test_run_experiment_refuses_a_none_override_before_running(tmp_path):
     assert proc.returncode != 0
     assert "['max_minutes'] are None" in proc.stderr and "max_minutes: 0" in proc.stderr
     assert not (tmp_path / "out" / "row_log.txt").exists()  # nothing was started
+
+
+def test_resolution_ceiling_is_exact_at_stride_1_only_with_nearest_exact():
+    spec = importlib.util.spec_from_file_location("resolution_ceiling", REPO / "scripts" / "resolution_ceiling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ceiling = module.ceiling
+    label = np.zeros((216, 200, 2), np.uint8)
+    yy, xx = np.mgrid[:216, :200]
+    r = np.hypot(yy - 100, xx - 90)
+    label[(r > 22) & (r < 27)] = 2  # a thin ring, as the myocardium
+    label[r <= 22] = 3
+    assert np.array_equal(ceiling(label, 4, 1, mode="nearest-exact"), label)
+    shifted = ceiling(label, 4, 1, mode="nearest")
+    assert 0 < (shifted != label).sum() < 0.05 * label.size  # PyTorch's floor moves the ring's edges
+    coarse = ceiling(label, 4, 4, mode="nearest-exact")
+    assert (coarse != label).sum() > 0 and set(np.unique(coarse)) == {0, 2, 3}  # stride 4 blurs, keeps the ring
