@@ -11,9 +11,9 @@ a handful of sums per combination, batch item and class:
 - ``label_count``: sum over pixels of ``onehot[c]`` (a constant),
 
 where ``z`` is the combination's mixed logits, ``sum_m weight[s, m] * map_m``. This module computes
-them in one pass over the maps: each program reads a tile of pixels of every map once, mixes, takes the
-softmax of each combination in registers and writes per-tile partial sums, which are then summed in a
-fixed order (deterministic, no atomics). The Dice and CE formulas on these small tensors stay in
+them in one pass over the maps: each program reads 1,024 pixels of every map once (in autotuned
+sub-tiles), mixes, takes the softmax of each combination in registers and writes its partial sums once;
+they are then summed in a fixed order (deterministic, no atomics). The Dice and CE formulas on these small tensors stay in
 PyTorch, so their options (smoothing, batch Dice, background) are plain tensor code.
 
 The backward kernel recomputes the softmax of every combination from the maps and writes each map's
