@@ -222,7 +222,7 @@ def test_padded_head_attention_is_sablock_with_the_same_weights():
 
     torch.manual_seed(0)
     for width, heads in ((72, 2), (20, 4), (48, 6)):  # 36- and 5-channel heads are padded, 8 is not
-        padded = PaddedHeadSABlock(width, heads, qkv_bias=True, use_flash_attention=True).double()
+        padded = PaddedHeadSABlock(width, heads, qkv_bias=True, use_flash_attention=True, pad_heads=True).double()
         plain = SABlock(width, heads, qkv_bias=True, use_flash_attention=True).double()
         plain.load_state_dict(padded.state_dict())  # same keys and shapes
         x = torch.randn(2, 37, width, dtype=torch.float64, requires_grad=True)
@@ -235,3 +235,4 @@ def test_padded_head_attention_is_sablock_with_the_same_weights():
         assert (x.grad - x2.grad).abs().max().item() < 1e-10
         assert (padded.qkv.weight.grad - plain.qkv.weight.grad).abs().max().item() < 1e-10
     assert isinstance(tiny().decoder_blocks[-1].mhsa, PaddedHeadSABlock)
+    assert tiny().decoder_blocks[-1].mhsa.pad_heads is None  # auto: padded on CUDA only

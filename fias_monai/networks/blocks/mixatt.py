@@ -82,16 +82,24 @@ class PaddedHeadSABlock(SABlock):
     cut off again: the same function, the same parameters and state-dict keys as SABlock. (Attention
     dropout, 0 in FIAS, applies in training only; SABlock also applies it at eval.)
 
-    Args: as :class:`~monai.networks.blocks.SABlock`.
+    Args:
+        *args, **kwargs: as :class:`~monai.networks.blocks.SABlock`.
+        pad_heads: pad always (True), never (False), or on CUDA tensors only (None, the default): padding
+            pays only where FlashAttention exists; elsewhere it is 11 % more attention work.
 
     Shapes:
         (B, N, hidden_size) -> (B, N, hidden_size)
     """
 
+    def __init__(self, *args, pad_heads: bool | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pad_heads = pad_heads
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         pad = -self.dim_head % 8
-        if not pad or attn_mask is not None or not self.use_flash_attention or not self.use_combined_linear \
-                or self.rel_positional_embedding is not None:
+        wanted = x.is_cuda if self.pad_heads is None else self.pad_heads
+        if not (pad and wanted) or attn_mask is not None or not self.use_flash_attention \
+                or not self.use_combined_linear or self.rel_positional_embedding is not None:
             return super().forward(x, attn_mask)
         qkv = self.input_rearrange(self.qkv(x))  # 3, B, heads, N, dim_head
         q, k, v = qkv[0], qkv[1], qkv[2]  # indexed, not unpacked: TorchScript tracing stays exact
