@@ -28,16 +28,11 @@ bundle's data checks reject such labels before training.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # torch builds without Triton: the module imports, the kernel is unavailable
-    triton = None
+from .triton_support import interpreting, require_triton_on, tl, triton, triton_runs_on
 
 __all__ = ["mixed_softmax_stats", "fused_loss_available", "MAX_MAPS"]
 
@@ -47,16 +42,14 @@ _PIX = 1024  # pixels per program of the forward kernel (its partial sums' granu
 
 def fused_loss_available(x: torch.Tensor) -> bool:
     """Whether :func:`mixed_softmax_stats` can run on ``x``'s device (CUDA with Triton, or the interpreter)."""
-    if triton is None:
-        return False
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return triton_runs_on(x)
 
 
 def _configs() -> list:
     """Pixel-tile sizes and warps Triton's autotuner picks from on first use per shape: wide tiles cut
     the number of cross-thread reductions, narrow ones the registers per thread (the backward pass holds
     a dozen tiles). The interpreter (CPU tests) gets one, with several sub-tiles per forward program."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         return [triton.Config({"BLOCK_P": 128}, num_warps=4)]
     return [triton.Config({"BLOCK_P": p}, num_warps=w) for p, w in ((32, 2), (64, 4), (128, 4), (128, 8), (256, 8))]
 
@@ -210,7 +203,9 @@ class _MixedSoftmaxStats(torch.autograd.Function):
         _stats_fwd_kernel[(nblk, b)](*tensors, labels, weights, ce, inter, psum, count, b, pixels, c, nblk, *strides,
                                      S=s, N_MAPS=n, PIX=_PIX, S_PAD=max(triton.next_power_of_2(s), 2),
                                      BLOCK_C=block_c)
-        ctx.save_for_backward(weights, labels, *maps)
+        # the maps as the kernel read them (the same tensors unless one had to be made contiguous)
+        ctx.save_for_backward(weights, labels, *tensors[:n])
+        ctx.strides, ctx.block_c, ctx.pixels = strides, block_c, pixels
         # per-tile partial sums, added up in a fixed order: the same value on every run
         count = count.sum(1)[..., :c]
         ctx.mark_non_differentiable(count)
@@ -221,17 +216,18 @@ class _MixedSoftmaxStats(torch.autograd.Function):
         weights, labels, *maps = ctx.saved_tensors
         s, n = weights.shape
         b, c = maps[0].shape[:2]
-        tensors, strides, block_c, pixels = _launch(maps)
-        grads = [torch.empty_like(t) for t in tensors[:n]]  # keeps each map's memory format
+        pixels = ctx.pixels
+        grads = [torch.empty_like(m) for m in maps]  # keeps each map's memory format
         d_ce = torch.zeros(s, b, device=weights.device) if d_ce is None else d_ce.float().contiguous()
         d_inter = torch.zeros(s, b, c, device=weights.device) if d_inter is None else d_inter.float().contiguous()
         d_psum = torch.zeros(s, b, c, device=weights.device) if d_psum is None else d_psum.float().contiguous()
-        outs = grads + [grads[0]] * (MAX_MAPS - n)
+        absent = MAX_MAPS - n  # unused kernel arguments: any tensor does
+
         def grid(meta):
             return triton.cdiv(pixels, meta["BLOCK_P"]), b
 
-        _stats_bwd_kernel[grid](*tensors, labels, weights, d_ce, d_inter, d_psum, *outs, b, pixels, c, *strides,
-                                S=s, N_MAPS=n, BLOCK_C=block_c)
+        _stats_bwd_kernel[grid](*maps, *[maps[0]] * absent, labels, weights, d_ce, d_inter, d_psum, *grads,
+                                *[grads[0]] * absent, b, pixels, c, *ctx.strides, S=s, N_MAPS=n, BLOCK_C=ctx.block_c)
         return (None, None, *grads)
 
 
@@ -249,13 +245,9 @@ def mixed_softmax_stats(maps: Sequence[torch.Tensor], weights: torch.Tensor, lab
         softmax times one-hot and of softmax, (B, C) label voxel counts (no gradient); float32, all
         differentiable with respect to ``maps`` except the counts.
     """
-    if triton is None:
-        raise RuntimeError("mixed_softmax_stats needs Triton, which this torch installation lacks.")
     if not maps or len(maps) > MAX_MAPS:
         raise ValueError(f"mixed_softmax_stats takes 1 to {MAX_MAPS} maps, got {len(maps)}.")
-    if not fused_loss_available(maps[0]):
-        raise RuntimeError(f"mixed_softmax_stats runs on CUDA tensors (or in Triton's interpreter, "
-                           f"TRITON_INTERPRET=1); got a tensor on {maps[0].device}.")
+    require_triton_on(maps[0], "mixed_softmax_stats")
     shape = maps[0].shape
     if any(m.shape != shape for m in maps):
         raise ValueError(f"mixed_softmax_stats needs maps of one shape, got {[tuple(m.shape) for m in maps]}.")

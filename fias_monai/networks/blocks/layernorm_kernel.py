@@ -13,16 +13,10 @@ in a fixed order (deterministic, no atomics).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # torch builds without Triton: the module imports and falls back to F.layer_norm
-    triton = None
+from fias_monai.triton_support import tl, triton, triton_runs_on
 
 __all__ = ["FusedLayerNorm", "layer_norm_fused", "fused_layer_norm_available"]
 
@@ -32,9 +26,7 @@ _TILE = 4096  # elements (rows x padded width) per program
 
 def fused_layer_norm_available(x: torch.Tensor) -> bool:
     """Whether :func:`layer_norm_fused` can run on ``x`` (CUDA with Triton, or the interpreter)."""
-    if triton is None or x.shape[-1] > _MAX_WIDTH:
-        return False
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return x.shape[-1] <= _MAX_WIDTH and triton_runs_on(x)
 
 
 if triton is not None:

@@ -18,31 +18,24 @@ Triton's interpreter, which is how the CPU tests check them against the referenc
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # torch builds without Triton: the module imports, the kernel is unavailable
-    triton = None
+from fias_monai.triton_support import interpreting, require_triton_on, tl, triton, triton_runs_on
 
 __all__ = ["msda_fused", "fused_msda_available"]
 
 
 def fused_msda_available(x: torch.Tensor) -> bool:
     """Whether :func:`msda_fused` can run on ``x``'s device (CUDA with Triton, or Triton's interpreter)."""
-    if triton is None:
-        return False
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return triton_runs_on(x)
 
 
 def _configs() -> list:
     """Launch settings Triton's autotuner picks from, per feature-map shape, on first use. The interpreter
     (CPU tests) gets one, so it never benchmarks."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         return [triton.Config({"BLOCK_P": 64}, num_warps=4)]
     return [triton.Config({"BLOCK_P": p}, num_warps=w) for p, w in ((32, 2), (64, 4), (128, 4))]
 
@@ -213,11 +206,7 @@ def msda_fused(qkv: torch.Tensor, num_heads: int, dilations: Sequence[int] | tor
         (B, H, W, C) attention output, token-last, channels ordered (group, head, head_dim), equal to
         the reference formulation applied group by group and concatenated.
     """
-    if triton is None:
-        raise RuntimeError("msda_fused needs Triton, which this torch installation lacks; use impl='gather'.")
-    if not fused_msda_available(qkv):
-        raise RuntimeError(f"msda_fused runs on CUDA tensors (or in Triton's interpreter, TRITON_INTERPRET=1); "
-                           f"got a tensor on {qkv.device}: use impl='auto' or 'gather' there.")
+    require_triton_on(qkv, "msda_fused", "use impl='auto' or 'gather'")
     if kernel_size % 2 != 1:
         raise ValueError(f"msda_fused needs an odd kernel_size, got {kernel_size}.")
     if not torch.is_tensor(dilations):
