@@ -36,13 +36,11 @@ import json
 import platform
 import statistics
 import time
-
 import types
 
 import fire
 import torch
 from monai.losses import DiceCELoss
-from monai.networks.blocks import SABlock
 from monai.networks.nets import BasicUNet, SwinUNETR
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -73,7 +71,7 @@ def as_bundle_0_2_5(net: torch.nn.Module) -> torch.nn.Module:
         if isinstance(m, FusedLayerNorm):
             m.forward = types.MethodType(torch.nn.LayerNorm.forward, m)
         if isinstance(m, PaddedHeadSABlock):
-            m.forward = types.MethodType(SABlock.forward, m)
+            m.pad_heads = False
     return net
 
 

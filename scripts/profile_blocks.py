@@ -142,20 +142,22 @@ def profile_model(name: str, classes: int, batch: int, size: int, iters: int, wa
         out = net(x)
     logits = out if isinstance(out, list) else [out]  # in the autocast dtype, as the engine's loss gets them
     logits = [torch.randn_like(o).requires_grad_() for o in logits]
-    loss_ms = graph_time(lambda *o: loss_fn(list(o) if len(o) > 1 else o[0], y), logits, [], iters, warmup)
+
+    def loss_time() -> float:
+        return graph_time(lambda *o: loss_fn(list(o) if len(o) > 1 else o[0], y), logits, [], iters, warmup)
+
+    loss_ms = loss_time()
     rows.append({"block": "loss", "calls": 1, "ms": loss_ms, "input": [list(o.shape) for o in logits]})
     print(f"{name} {'loss':40s} x1 {loss_ms:7.3f} ms", flush=True)
     extra = {}
     if getattr(loss_fn, "impl", "torch") != "torch":  # the same loss in PyTorch's stacked pass, as in 0.2.5
         loss_fn.impl = "torch"
-        extra["loss_torch_ms"] = graph_time(lambda *o: loss_fn(list(o) if len(o) > 1 else o[0], y), logits, [],
-                                            iters, warmup)
+        extra["loss_torch_ms"] = loss_time()
         loss_fn.impl = "auto"
         print(f"{name} {'loss, PyTorch stacked pass':40s} x1 {extra['loss_torch_ms']:7.3f} ms", flush=True)
     if getattr(loss_fn, "stacked", False):  # one DiceCELoss per subset, as before 0.2.5
         loss_fn.stacked = False
-        extra["loss_per_subset_ms"] = graph_time(lambda *o: loss_fn(list(o) if len(o) > 1 else o[0], y), logits, [],
-                                                 iters, warmup)
+        extra["loss_per_subset_ms"] = loss_time()
         loss_fn.stacked = True
         print(f"{name} {'loss, one DiceCELoss per subset':40s} x1 {extra['loss_per_subset_ms']:7.3f} ms", flush=True)
 
