@@ -5,13 +5,12 @@ kernels, so the check runs in a subprocess); on a GPU the compiled kernels are c
 a captured CUDA graph, as the bundle trains.
 """
 
-import os
-
 import pytest
 import torch
 
 from conftest import HAVE_TRITON, needs_triton, run_in_triton_interpreter
 from fias_monai.losses import FeatureMixingLoss
+from fias_monai.triton_support import interpreting
 
 # impl="fused" (float32 maps) against impl="torch" (the same maps in float64): loss and map gradients,
 # over mixed memory formats, pixel counts that are not a multiple of the tile (and maps of several
@@ -19,6 +18,7 @@ from fias_monai.losses import FeatureMixingLoss
 _INTERPRETED_CHECK = r"""
 import json, torch
 from fias_monai.losses import FeatureMixingLoss
+from fias_monai.triton_support import interpreting
 torch.manual_seed(0)
 rows = []
 cases = [  # B, C, H, W, maps, channels_last per map, loss options
@@ -63,7 +63,7 @@ def test_loss_impl_choice_and_errors():
     y = torch.randint(0, 3, (2, 1, 8, 8)).float()
     with pytest.raises(ValueError, match="impl must be one of"):
         FeatureMixingLoss(impl="triton")
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not interpreting():
         loss = FeatureMixingLoss()
         assert not loss._use_kernel(maps)  # auto: PyTorch on CPU
         assert torch.allclose(loss(maps, y), FeatureMixingLoss(impl="torch")(maps, y))

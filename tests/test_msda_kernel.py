@@ -5,16 +5,13 @@ decorates the kernels, so those checks run in a subprocess); on a GPU the compil
 too, in bf16 autocast and inside a CUDA graph as the bundle trains.
 """
 
-import os
-
 import pytest
 import torch
 
 from conftest import HAVE_TRITON, TINY_NET, needs_triton, run_in_triton_interpreter
 from fias_monai.networks import FIAS
 from fias_monai.networks.blocks import MultiScaleDilatedAttention, msda_reference
-
-
+from fias_monai.triton_support import interpreting
 
 # Run in the interpreter: max |fused - reference| for the output and the qkv gradient, float32 kernel
 # against a float64 reference, over layouts, non-square maps, 1 and 2 heads per group, a head width
@@ -71,14 +68,14 @@ def test_fused_kernel_matches_reference_in_triton_interpreter():
 def test_auto_picks_plain_pytorch_on_cpu_and_the_buffer_stays_out_of_checkpoints():
     attn = MultiScaleDilatedAttention(24, 6)
     x = torch.randn(1, 4, 4, 24)
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not interpreting():
         assert attn.resolved_impl(x) == "gather"
     assert MultiScaleDilatedAttention(24, 6, impl="fused").resolved_impl(x) == "fused"
     # the dilation table is a non-persistent buffer: checkpoints of the earlier versions still load
     assert not any("dilation_table" in k for k in FIAS(1, 4, **TINY_NET).state_dict())
     with pytest.raises(ValueError, match="impl must be one of"):
         MultiScaleDilatedAttention(24, 6, impl="triton")
-    if HAVE_TRITON and os.environ.get("TRITON_INTERPRET") != "1":  # forcing the kernel on CPU is a clear error, not a Triton trace
+    if HAVE_TRITON and not interpreting():  # forcing the kernel on CPU is a clear error, not a Triton trace
         with pytest.raises(RuntimeError, match="CUDA tensors"):
             MultiScaleDilatedAttention(24, 6, impl="fused")(x)
 
