@@ -3,13 +3,14 @@
 FIAS's deep-supervision heads sit on the decoder's 1/4, 1/8 and 1/16 maps and are upsampled bilinearly to
 the input (as in the paper's code), while BasicUNet and SwinUNETR decode to full resolution. This script
 measures what the stride alone costs, without a network: each validation slice's one-hot label at the
-training size (256x256, nearest) is average-pooled by the stride (the best a head at that stride can say:
+training size (256x256) is average-pooled by the stride (the best a head at that stride can say:
 the class fractions of each cell), upsampled back bilinearly, argmaxed, resized to the scan's grid
-(``--mode``) and scored by the protocol's 3D per-class Dice, as the bundle evaluates predictions.
+and scored by the protocol's 3D per-class Dice, as the bundle evaluates predictions.
 
 ``--mode nearest`` is how the bundle resampled label maps until 0.2.6 (PyTorch's "nearest", which takes
-source pixel floor(i * in / out)); ``nearest-exact`` (pixel centres) is how it does since. At stride 1 the
-script then measures what the label round trip alone costs.
+source pixel floor(i * in / out)); ``nearest-exact`` (pixel centres, the default) is how it does since.
+``--mode`` resamples the label both ways. At stride 1 the script measures what the label round trip alone
+costs.
 
     python scripts/resolution_ceiling.py --datalist .data/acdc_nifti/datalist.json --strides 1,2,4,8 --mode nearest-exact
 """
@@ -26,9 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from fias_monai.metrics import case_dice
+from fias_monai.transforms import LABEL_RESAMPLE_MODE
 
 
-def ceiling(label: np.ndarray, num_classes: int, stride: int, size: int = 256, mode: str = "nearest-exact") -> np.ndarray:
+def ceiling(label: np.ndarray, num_classes: int, stride: int, size: int = 256,
+            mode: str = LABEL_RESAMPLE_MODE) -> np.ndarray:
     """(H, W, Z) label -> the (H, W, Z) label a perfect head at ``stride`` would give after the protocol,
     with the label maps resampled by ``mode`` both ways."""
     lab = torch.from_numpy(label.astype(np.int64)).permute(2, 0, 1)[:, None].float()  # Z, 1, H, W
@@ -43,15 +46,15 @@ def ceiling(label: np.ndarray, num_classes: int, stride: int, size: int = 256, m
 
 
 def main(datalist: str = ".data/acdc_nifti/datalist.json", section: str = "validation", strides: str = "1,2,4,8",
-         num_classes: int = 4, mode: str = "nearest-exact", out: str = "") -> dict:
+         num_classes: int = 4, mode: str = LABEL_RESAMPLE_MODE, out: str = "") -> dict:
     root = Path(datalist).parent
     cases = json.loads(Path(datalist).read_text())[section]
+    labels = [np.asarray(nib.load(root / case["label"]).dataobj) for case in cases]  # read once for all strides
     strides_list = [int(s) for s in str(strides).split(",")] if not isinstance(strides, tuple) else list(strides)
     result = {}
     for stride in strides_list:
         per_class = {c: [] for c in range(1, num_classes)}
-        for case in cases:
-            label = np.asarray(nib.load(root / case["label"]).dataobj)
+        for label in labels:
             dice = case_dice(ceiling(label, num_classes, stride, mode=mode), label, num_classes)
             for c in per_class:
                 per_class[c].append(dice[c])
