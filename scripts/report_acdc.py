@@ -21,6 +21,14 @@ import fire
 import numpy as np
 
 NAMES = {
+    "fias_v9": "FIAS-tiny, bundle 0.2.7",
+    "fias_v9_s1": "FIAS-tiny, bundle 0.2.7, seed 1",
+    "fias_v9_aug": "FIAS-tiny, stronger spatial augmentation",
+    "fias_v9_lr1e3": "FIAS-tiny, lr 1e-3",
+    "basicunet_v9": "MONAI BasicUNet",
+    "basicunet_v9_aug": "MONAI BasicUNet, stronger spatial augmentation",
+    "swinunetr_v9": "MONAI SwinUNETR-2D (fs 48, v2)",
+    "swinunetr_v9_aug": "MONAI SwinUNETR-2D, stronger spatial augmentation",
     "fias_v8": "FIAS-tiny, bundle 0.2.6",
     "fias_v8_s1": "FIAS-tiny, bundle 0.2.6, seed 1",
     "fias_v8_aug": "FIAS-tiny, stronger spatial augmentation",
@@ -65,12 +73,12 @@ NAMES = {
     "basicunet_eager": "MONAI BasicUNet, min-max, eager step (earlier session)",
     "swinunetr_eager": "MONAI SwinUNETR-2D, min-max, eager step (earlier session)",
 }
-# the runs of the current recipe drawn in the curve and the figure: bundle 0.2.6, the three networks trained
-# side by side in one session on one host (validation and checkpoint every 5th epoch, the largest-component
+# the runs of the current recipe drawn in the curve and the figure: bundle 0.2.7, the three networks trained
+# side by side in one call on one host (validation and checkpoint every 5th epoch, the largest-component
 # step in validation); the previous recipe's runs (validation every epoch) are drawn with --curve/--figure
 # and --tag _every_epoch, the min-max runs of the one before with --tag _minmax
-CURVE_RUNS = "fias_v8,basicunet_v8,swinunetr_v8"
-FIGURE_RUNS = "fias_v8,basicunet_v8,swinunetr_v8"
+CURVE_RUNS = "fias_v9,basicunet_v9,swinunetr_v9"
+FIGURE_RUNS = "fias_v9,basicunet_v9,swinunetr_v9"
 _TS = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
 
 
