@@ -23,15 +23,73 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed with this torch build")
 
 
-def run_in_triton_interpreter(script: str) -> list:
-    """Run ``script`` in a subprocess with ``TRITON_INTERPRET=1`` (Triton reads it when it decorates the
-    kernels, so it cannot be switched on inside this process) and return the JSON its last line prints.
-    The repository goes on the front of the caller's PYTHONPATH (the GPU machine's packages live there)."""
+# The Triton-interpreter checks (test_loss_kernel, test_layernorm_kernel, test_msda_kernel) run in ONE
+# subprocess: TRITON_INTERPRET=1 is read when Triton decorates the kernels, so it cannot be switched on in
+# this process, and each fresh interpreter spends ~8 s of its ~10 s importing torch and MONAI. Each module
+# registers its script when pytest imports it (collection, before any test runs); the first test that asks
+# for a result runs every registered script not run yet, one after another in that subprocess, each with
+# its own globals and its own captured output, and every test then checks only its own script's result.
+_INTERPRETER_CHECKS: dict[str, str] = {}  # script -> name, in registration order
+_INTERPRETER_RESULTS: dict[str, dict] = {}  # script -> {"ok", "output", "error"}
+
+_INTERPRETER_RUNNER = r"""
+import contextlib, io, json, sys, traceback
+checks = json.load(open(sys.argv[1]))
+results = {}
+for name, script in checks:
+    buf = io.StringIO()
+    ok, error = True, ""
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            exec(compile(script, f"<Triton-interpreter check {name}>", "exec"), {"__name__": "__main__"})
+    except BaseException:
+        ok, error = False, traceback.format_exc()
+    results[name] = dict(ok=ok, output=buf.getvalue(), error=error)
+    with open(sys.argv[2], "w") as f:  # after every script: a crash later keeps the results so far
+        json.dump(results, f)
+"""
+
+
+def triton_interpreter_check(name: str, script: str) -> str:
+    """Register ``script`` (it prints a JSON result as its last line) to run in the shared interpreter
+    subprocess; returns the script, for :func:`run_in_triton_interpreter`."""
+    _INTERPRETER_CHECKS[script] = name
+    return script
+
+
+def _run_interpreter_checks(scripts: list[str]) -> None:
+    import tempfile
+
+    names = [_INTERPRETER_CHECKS[s] for s in scripts]
+    assert len(set(names)) == len(names), f"Triton-interpreter check names must be unique: {names}"
+    # The repository goes on the front of the caller's PYTHONPATH (the GPU machine's packages live there).
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        checks, out = Path(tmp, "checks.json"), Path(tmp, "results.json")
+        checks.write_text(json.dumps([[n, s] for n, s in zip(names, scripts)]))
+        run = subprocess.run([sys.executable, "-c", _INTERPRETER_RUNNER, str(checks), str(out)], env=env,
+                             capture_output=True, text=True, timeout=900)
+        results = json.loads(out.read_text()) if out.is_file() else {}
+    for name, script in zip(names, scripts):
+        _INTERPRETER_RESULTS[script] = results.get(name) or dict(
+            ok=False, output=run.stdout[-3000:],
+            error=f"the interpreter subprocess ended (exit {run.returncode}) before {name!r} finished:\n"
+                  f"{run.stderr[-3000:]}")
+
+
+def run_in_triton_interpreter(script: str) -> list:
+    """The JSON that ``script``'s last printed line holds, from a run with ``TRITON_INTERPRET=1`` in the
+    shared subprocess (every registered check not run yet runs now, once); fails with this script's own
+    output and traceback if it raised."""
+    if script not in _INTERPRETER_CHECKS:
+        triton_interpreter_check(f"check {len(_INTERPRETER_CHECKS) + 1}", script)
+    if script not in _INTERPRETER_RESULTS:
+        _run_interpreter_checks([s for s in _INTERPRETER_CHECKS if s not in _INTERPRETER_RESULTS])
+    res = _INTERPRETER_RESULTS[script]
+    name = _INTERPRETER_CHECKS[script]
+    assert res["ok"], f"{name} failed in the Triton interpreter:\n{res['output'][-3000:]}\n{res['error'][-3000:]}"
+    return json.loads(res["output"].strip().splitlines()[-1])
 
 
 @pytest.fixture(autouse=True)

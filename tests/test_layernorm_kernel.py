@@ -13,14 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import HAVE_TRITON, needs_triton, run_in_triton_interpreter
+from conftest import HAVE_TRITON, needs_triton, run_in_triton_interpreter, triton_interpreter_check
 from fias_monai.networks.blocks import FusedLayerNorm
 
 
 # float32 kernel against float64 F.layer_norm: output and the x, weight and bias gradients (relative to
 # their largest entry), for FIAS's widths, a width that is not a power of two, and rows that do not fill
 # the last tile; then the module against nn.LayerNorm with shared parameters.
-_INTERPRETED_CHECK = r"""
+_INTERPRETED_CHECK = triton_interpreter_check("test_layernorm_kernel: the fused LayerNorm against F.layer_norm", r"""
 import json, torch
 import torch.nn.functional as F
 from fias_monai.networks.blocks.layernorm_kernel import FusedLayerNorm, layer_norm_fused
@@ -44,7 +44,7 @@ plain.load_state_dict(ln.state_dict())
 x = torch.randn(2, 6, 24)
 rows.append(dict(module_err=(ln(x) - plain(x)).abs().max().item()))
 print(json.dumps(rows))
-"""
+""")
 
 
 @needs_triton

@@ -8,14 +8,14 @@ a captured CUDA graph, as the bundle trains.
 import pytest
 import torch
 
-from conftest import HAVE_TRITON, needs_triton, run_in_triton_interpreter
+from conftest import HAVE_TRITON, needs_triton, run_in_triton_interpreter, triton_interpreter_check
 from fias_monai.losses import FeatureMixingLoss
 from fias_monai.triton_support import interpreting
 
 # impl="fused" (float32 maps) against impl="torch" (the same maps in float64): loss and map gradients,
 # over mixed memory formats, pixel counts that are not a multiple of the tile (and maps of several
 # tiles), 1-3 maps, class counts that are not a power of two, and the options the stacked pass supports.
-_INTERPRETED_CHECK = r"""
+_INTERPRETED_CHECK = triton_interpreter_check("test_loss_kernel: the fused loss against PyTorch", r"""
 import json, torch
 from fias_monai.losses import FeatureMixingLoss
 from fias_monai.triton_support import interpreting
@@ -45,7 +45,7 @@ for b, c, h, w, n, cl, kw in cases:
                      grad_scale=max(z.grad.abs().max().item() for z in ref),
                      strides_kept=all(x.grad.stride() == x.stride() for x in fused)))
 print(json.dumps(rows))
-"""
+""")
 
 
 @needs_triton

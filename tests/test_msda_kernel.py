@@ -8,7 +8,7 @@ too, in bf16 autocast and inside a CUDA graph as the bundle trains.
 import pytest
 import torch
 
-from conftest import HAVE_TRITON, TINY_NET, needs_triton, run_in_triton_interpreter
+from conftest import HAVE_TRITON, TINY_NET, needs_triton, run_in_triton_interpreter, triton_interpreter_check
 from fias_monai.networks import FIAS
 from fias_monai.networks.blocks import MultiScaleDilatedAttention, msda_reference
 from fias_monai.triton_support import interpreting
@@ -16,7 +16,7 @@ from fias_monai.triton_support import interpreting
 # Run in the interpreter: max |fused - reference| for the output and the qkv gradient, float32 kernel
 # against a float64 reference, over layouts, non-square maps, 1 and 2 heads per group, a head width
 # that is not a power of two, and dilations in any order.
-_INTERPRETED_CHECK = r"""
+_INTERPRETED_CHECK = triton_interpreter_check("test_msda_kernel: the fused MSDA kernel against the reference", r"""
 import json, torch
 from fias_monai.networks.blocks.msda_kernel import msda_fused
 from fias_monai.networks.blocks import MultiScaleDilatedAttention, msda_reference
@@ -52,7 +52,7 @@ ref.load_state_dict(fused.state_dict())
 x = torch.randn(2, 8, 12, 24)
 rows.append(dict(module_err=(fused(x) - ref(x)).abs().max().item()))
 print(json.dumps(rows))
-"""
+""")
 
 
 @needs_triton
