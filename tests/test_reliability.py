@@ -593,7 +593,9 @@ def _last(path: Path) -> dict:
 
 
 def test_training_killed_mid_epoch_resumes_from_last_checkpoint(tmp_path):
-    make_demo_dataset(tmp_path / "demo", num_train=2, num_val=1, shape=(64, 64, 24))
+    # 2 training volumes of 10 slices, batch 2: 10 iterations an epoch (~0.1 s each here), so that the kill at
+    # iteration 2 of epoch 2 leaves 8 iterations and a validation (~1 s) before epoch 2 could end
+    make_demo_dataset(tmp_path / "demo", num_train=2, num_val=1, shape=(64, 64, 10))
     bundle = tmp_path / "bundle"
     last = bundle / "models" / "last.pt"
     cmd = [PY, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.json"),
@@ -607,8 +609,8 @@ def test_training_killed_mid_epoch_resumes_from_last_checkpoint(tmp_path):
             assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint after 400 s (the first epoch of a tiny run; a loaded 2-CPU machine is slow)"
             time.sleep(0.05)
-        # kill once the progress bar shows epoch 2 under way (a few of its 24 iterations done)
-        while "Epoch [2/3]: [3/24]" not in (tmp_path / "run1.log").read_text(errors="replace"):
+        # kill once the progress bar shows epoch 2 under way (2 of its 10 iterations done)
+        while "Epoch [2/3]: [2/10]" not in (tmp_path / "run1.log").read_text(errors="replace"):
             assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "epoch 2 did not start"
             time.sleep(0.02)
