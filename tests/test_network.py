@@ -20,6 +20,7 @@ ABLATIONS = [
     dict(decoder="conv"),
     dict(attention_impl="unfold"),
     dict(attention_impl="gather"),
+    dict(full_res_head=True),  # beyond the paper: the finest output decoded to full resolution
 ]
 
 # Parameters at in_channels=1, out_channels=9 (the README's table; scripts/count_parameters.py).

@@ -19,6 +19,7 @@ from monai.networks.blocks.convolutions import Convolution
 from .blocks.caf import TransformerOnlyFusion, make_fusion
 from .blocks.dilateformer import DilateFormer, checkpoint_filter_fn
 from .blocks.dmk import DMKEncoder
+from .blocks.full_res_head import FullResolutionHead
 from .blocks.mixatt import make_decoder_block
 
 __all__ = ["FIAS", "FIAS_VARIANTS", "fias_tiny", "fias_small", "fias_base", "load_dilateformer_checkpoint"]
@@ -48,6 +49,10 @@ class FIAS(nn.Module):
         decoder_heads: self-attention heads of the four decoder blocks, coarsest first.
         decoder_dropout: dropout of Eq. 7.
         drop_path_rate: DilateFormer stochastic depth.
+        full_res_head: beyond the paper, off by default. The finest deep-supervision output comes from
+            :class:`~fias_monai.networks.blocks.FullResolutionHead` (the 1/4 decoder output decoded to the
+            input size with skips from a small convolutional stem on the image) instead of a 1x1 head at
+            1/4 upsampled bilinearly. The other two heads are unchanged.
         attention_impl: MSDA implementation, the same function at different speeds: ``"auto"`` (the fused
             Triton kernel on CUDA, plain PyTorch ``"gather"`` elsewhere), ``"fused"``, ``"gather"``,
             ``"shift"`` or ``"unfold"`` (the reference); see docs/benchmark.md.
@@ -66,7 +71,7 @@ class FIAS(nn.Module):
                  embed_dims: Sequence[int] | None = None, depths: Sequence[int] | None = None,
                  num_heads: Sequence[int] | None = None, use_dmk: bool = True, fusion: str = "caf",
                  decoder: str = "mixatt", decoder_heads: Sequence[int] = (8, 6, 4, 2), decoder_dropout: float = 0.1,
-                 drop_path_rate: float = 0.1, attention_impl: str = "auto",
+                 drop_path_rate: float = 0.1, full_res_head: bool = False, attention_impl: str = "auto",
                  pretrained_encoder: str | os.PathLike | None = None) -> None:
         super().__init__()
         if variant not in FIAS_VARIANTS:
@@ -100,9 +105,12 @@ class FIAS(nn.Module):
             make_decoder_block(decoder, 2, rev[i] if i == 0 else 2 * rev[i], rev[i], decoder_heads[i], decoder_dropout)
             for i in range(len(rev))
         ])
-        # Deep supervision on the last three decoder outputs (1/16, 1/8, 1/4); stored finest first.
+        # Deep supervision on the last three decoder outputs (1/16, 1/8, 1/4); stored finest first. With
+        # full_res_head the finest output gets its own decoder to full resolution instead of a 1x1 head.
+        self.full_res_head = FullResolutionHead(2, in_channels, dims[0], out_channels) if full_res_head else None
         self.heads = nn.ModuleList([
-            Convolution(2, c, out_channels, kernel_size=1, conv_only=True) for c in dims[:3]
+            Convolution(2, c, out_channels, kernel_size=1, conv_only=True)
+            for c in dims[1 if full_res_head else 0:3]
         ])
         if pretrained_encoder is not None:
             load_dilateformer_checkpoint(self.encoder, pretrained_encoder)
@@ -140,8 +148,11 @@ class FIAS(nn.Module):
         size = x.shape[-2:]
         decoded = self.forward_decoder(self.forward_features(x))
         finest_first = decoded[::-1][:3]
+        upsampled = finest_first[1:] if self.full_res_head is not None else finest_first
         logits = [F.interpolate(head(d), size=size, mode="bilinear", align_corners=False)
-                  for head, d in zip(self.heads, finest_first)]
+                  for head, d in zip(self.heads, upsampled)]
+        if self.full_res_head is not None:
+            logits.insert(0, self.full_res_head(x, finest_first[0]))
         if self.training:
             return logits
         return logits[0] + logits[1] + logits[2]

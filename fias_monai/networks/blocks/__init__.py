@@ -14,6 +14,7 @@ from .dilateformer import (
 )
 from .msda_kernel import fused_msda_available, msda_fused
 from .dmk import DMKBlock, DMKEncoder
+from .full_res_head import FullResolutionHead
 from .layernorm_kernel import FusedLayerNorm, fused_layer_norm_available, layer_norm_fused
 from .mixatt import (DECODERS, ConvDecoderBlock, MixAttBlock, MonteCarloAttention, PaddedHeadSABlock,
                      make_decoder_block)
@@ -40,6 +41,7 @@ __all__ = [
     "layer_norm_fused",
     "DMKBlock",
     "DMKEncoder",
+    "FullResolutionHead",
     "DECODERS",
     "ConvDecoderBlock",
     "MixAttBlock",
