@@ -20,6 +20,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -50,16 +51,43 @@ def _cli_overrides(overrides: dict) -> list[str]:
     return args
 
 
-def _bundle(*args: str, overrides: dict, timeout: float = 400) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle ARGS --key value ...`` from the repo root; fails the test on a non-zero exit."""
-    cmd = [sys.executable, "-m", "monai.bundle", *args, *_cli_overrides(overrides)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, (
-        f"exit {proc.returncode}: {' '.join(cmd)}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n"
-        f"{proc.stderr[-6000:]}"
-    )
-    return proc
+class _Bundle:
+    """``python -m monai.bundle ARGS --key value ...`` from the repo root, started now in the background;
+    :meth:`result` waits for it and fails the test on a non-zero exit. The slow tests start two
+    independent runs at a time: each spends most of its ~8 s importing torch and MONAI on one core, and
+    the machine has two (one torch thread each, so that they do not compete for them)."""
+
+    def __init__(self, *args: str, overrides: dict, timeout: float = 400) -> None:
+        self.cmd = [sys.executable, "-m", "monai.bundle", *args, *_cli_overrides(overrides)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+        self.timeout = timeout
+        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # no pipe to fill up
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=self.out, stderr=self.err)
+        self._done = None
+
+    def result(self) -> subprocess.CompletedProcess:
+        if self._done is None:
+            try:
+                self.proc.wait(timeout=self.timeout)
+            finally:
+                self.stop()
+            self.out.seek(0)
+            self.err.seek(0)
+            self._done = subprocess.CompletedProcess(self.cmd, self.proc.returncode, self.out.read(), self.err.read())
+            self.out.close()
+            self.err.close()
+        proc = self._done
+        assert proc.returncode == 0, (
+            f"exit {proc.returncode}: {' '.join(self.cmd)}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n"
+            f"{proc.stderr[-6000:]}"
+        )
+        return proc
+
+    def stop(self) -> None:
+        """Kill the run if it is still going (a fixture's teardown: no test waited for it)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def _sha256(path: Path) -> str:
@@ -422,27 +450,36 @@ def workdir(tmp_path_factory):
     assert not [d for d in absent if (REPO / "bundle" / d).exists()], "a bundle test wrote into the repo's bundle/"
 
 
-@pytest.fixture(scope="module")
-def trained(workdir):
-    bundle_root = workdir / "bundle"
-    _bundle("run", "training", "--config_file", str(TRAIN),
-            overrides={**TINY, "epochs": 1, "batch_size": 2, "num_workers": 0, "cache_workers": 1,
-                       "bundle_root": str(bundle_root), "dataset_dir": str(workdir / "demo")})
-    return bundle_root
+def _train(bundle_root: Path, workdir: Path, **overrides) -> _Bundle:
+    return _Bundle("run", "training", "--config_file", str(TRAIN),
+                   overrides={**TINY, "epochs": 1, "batch_size": 2, "num_workers": 0, "cache_workers": 1,
+                              "bundle_root": str(bundle_root), "dataset_dir": str(workdir / "demo"), **overrides})
 
 
 @pytest.fixture(scope="module")
-def evaluated(workdir, trained):
-    proc = _bundle("run", "evaluating", "--config_file", json.dumps([str(TRAIN), str(EVALUATE)]),
-                   overrides={**TINY, "num_workers": 0, "cache_workers": 1, "bundle_root": str(trained),
-                              "dataset_dir": str(workdir / "demo")})
-    return trained / "eval", proc
+def trainings(workdir):
+    """The two trainings, side by side: the one the later runs use, and one diverging (lr 1e30, 3 epochs)."""
+    runs = {"trained": _train(workdir / "bundle", workdir),
+            "diverged": _train(workdir / "diverged", workdir, epochs=3, learning_rate=1e30)}
+    yield runs
+    for run in runs.values():
+        run.stop()
 
 
 @pytest.fixture(scope="module")
-def inferred(workdir, trained):
-    """One inference run over: the real CT (linked, when present) and synthetic volumes saved LPI and PSR
-    with non-unit spacing and a non-zero origin."""
+def trained(workdir, trainings):
+    trainings["trained"].result()
+    return workdir / "bundle"
+
+
+@pytest.fixture(scope="module")
+def model_runs(workdir, trained) -> dict:
+    """Evaluation and inference of the trained model, side by side. Inference runs over: the real CT
+    (linked, when present) and synthetic volumes saved LPI and PSR with non-unit spacing and a non-zero
+    origin."""
+    evaluating = _Bundle("run", "evaluating", "--config_file", json.dumps([str(TRAIN), str(EVALUATE)]),
+                         overrides={**TINY, "num_workers": 0, "cache_workers": 1, "bundle_root": str(trained),
+                                    "dataset_dir": str(workdir / "demo")})
     inp, out = workdir / "infer_in", workdir / "infer_out"
     inp.mkdir()
     rng = np.random.default_rng(0)
@@ -454,21 +491,30 @@ def inferred(workdir, trained):
     if REAL_CT.is_file():
         os.symlink(REAL_CT, inp / REAL_CT.name)  # read in place: the real file must stay untouched
     hashes = {p.name: _sha256(p) for p in inp.iterdir()}
-    proc = _bundle("run", "--config_file", str(INFER),
-                   overrides={**TINY, "num_workers": 0, "bundle_root": str(trained), "dataset_dir": str(inp),
-                              "output_dir": str(out)})
-    return inp, out, hashes, proc
+    inference = _Bundle("run", "--config_file", str(INFER),
+                        overrides={**TINY, "num_workers": 0, "bundle_root": str(trained), "dataset_dir": str(inp),
+                                   "output_dir": str(out)})
+    yield {"evaluating": evaluating, "inference": (inference, inp, out, hashes)}
+    evaluating.stop()
+    inference.stop()
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, model_runs):
+    return trained / "eval", model_runs["evaluating"].result()
+
+
+@pytest.fixture(scope="module")
+def inferred(model_runs):
+    inference, inp, out, hashes = model_runs["inference"]
+    return inp, out, hashes, inference.result()
 
 
 @pytest.mark.slow
-def test_a_diverging_training_stops_at_the_first_nan_loss(workdir):
+def test_a_diverging_training_stops_at_the_first_nan_loss(trainings):
     # a learning rate of 1e30 sends the weights to inf after the first step: the run must stop there,
     # not train on for the rest of its epochs
-    bundle_root = workdir / "diverged"
-    proc = _bundle("run", "training", "--config_file", str(TRAIN),
-                   overrides={**TINY, "epochs": 3, "batch_size": 2, "num_workers": 0, "cache_workers": 1,
-                              "learning_rate": 1e30, "bundle_root": str(bundle_root),
-                              "dataset_dir": str(workdir / "demo")})
+    proc = trainings["diverged"].result()
     log = proc.stdout + proc.stderr
     assert "contains NaN or Inf. Stop training" in log
     assert "Epoch[2]" not in log and "Epoch[3]" not in log  # stopped inside epoch 1
