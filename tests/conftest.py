@@ -92,6 +92,40 @@ def run_in_triton_interpreter(script: str) -> list:
     return json.loads(res["output"].strip().splitlines()[-1])
 
 
+class BackgroundRun:
+    """A subprocess started now, in the background. Slow tests start two independent ones at a time: each
+    spends most of its time importing torch and MONAI on one core, and the machine has two. Its output goes
+    to temporary files (no pipe fills up while the other run is waited for); :meth:`result` waits for it,
+    :meth:`stop` (a fixture's teardown) kills it if no test waited for it."""
+
+    def __init__(self, cmd: list, *, cwd, env: dict, timeout: float) -> None:
+        import tempfile
+
+        self.cmd, self.timeout = [str(c) for c in cmd], timeout
+        self._out, self._err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(self.cmd, cwd=cwd, env=env, stdout=self._out, stderr=self._err)
+        self._done = None
+
+    def result(self) -> subprocess.CompletedProcess:
+        if self._done is None:
+            try:
+                self.proc.wait(timeout=self.timeout)
+            finally:
+                self.stop()
+            self._out.seek(0)
+            self._err.seek(0)
+            self._done = subprocess.CompletedProcess(self.cmd, self.proc.returncode, self._out.read(),
+                                                     self._err.read())
+            self._out.close()
+            self._err.close()
+        return self._done
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -20,7 +20,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -28,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import BackgroundRun
 from fias_monai.data import load_datalist, make_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,43 +51,23 @@ def _cli_overrides(overrides: dict) -> list[str]:
     return args
 
 
-class _Bundle:
-    """``python -m monai.bundle ARGS --key value ...`` from the repo root, started now in the background;
-    :meth:`result` waits for it and fails the test on a non-zero exit. The slow tests start two
-    independent runs at a time: each spends most of its ~8 s importing torch and MONAI on one core, and
-    the machine has two (one torch thread each, so that they do not compete for them)."""
+class _Bundle(BackgroundRun):
+    """``python -m monai.bundle ARGS --key value ...`` from the repo root, started now in the background
+    (one torch thread: the slow tests run two at a time on the 2 cores); :meth:`result` waits for it and
+    fails the test on a non-zero exit."""
 
     def __init__(self, *args: str, overrides: dict, timeout: float = 400) -> None:
-        self.cmd = [sys.executable, "-m", "monai.bundle", *args, *_cli_overrides(overrides)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-        self.timeout = timeout
-        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # no pipe to fill up
-        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=self.out, stderr=self.err)
-        self._done = None
+        super().__init__([sys.executable, "-m", "monai.bundle", *args, *_cli_overrides(overrides)], cwd=REPO,
+                         env=env, timeout=timeout)
 
     def result(self) -> subprocess.CompletedProcess:
-        if self._done is None:
-            try:
-                self.proc.wait(timeout=self.timeout)
-            finally:
-                self.stop()
-            self.out.seek(0)
-            self.err.seek(0)
-            self._done = subprocess.CompletedProcess(self.cmd, self.proc.returncode, self.out.read(), self.err.read())
-            self.out.close()
-            self.err.close()
-        proc = self._done
+        proc = super().result()
         assert proc.returncode == 0, (
             f"exit {proc.returncode}: {' '.join(self.cmd)}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n"
             f"{proc.stderr[-6000:]}"
         )
         return proc
-
-    def stop(self) -> None:
-        """Kill the run if it is still going (a fixture's teardown: no test waited for it)."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def _sha256(path: Path) -> str:

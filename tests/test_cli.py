@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import REPO, SHARED_DATA, acdc_arrays, read_nifti, write_h5
+from conftest import REPO, SHARED_DATA, BackgroundRun, acdc_arrays, read_nifti, write_h5
 from fias_monai.__main__ import COMMANDS, main
 from fias_monai.data import load_datalist
 
@@ -38,11 +37,11 @@ def _cli(capsys, *args) -> tuple[int, str, str]:
     return rc, out, err
 
 
-def _cli_subprocess(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+def _cli_subprocess(*args, timeout: float = 120) -> BackgroundRun:
+    """``python -m fias_monai ARGS`` started in the background."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("FIAS_MONAI_TRACEBACK", None)
-    return subprocess.run([sys.executable, "-m", "fias_monai", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return BackgroundRun([sys.executable, "-m", "fias_monai", *args], cwd=REPO, env=env, timeout=timeout)
 
 
 def _assert_clean_error(rc: int, err: str, *needles: str) -> None:
@@ -391,11 +390,25 @@ def test_params(capsys):
 # the real program, in a subprocess
 
 
+@pytest.fixture(scope="module")
+def python_m(tmp_path_factory):
+    """The real program's runs, started together (each spends ~9 s importing MONAI on one of the 2 cores):
+    an error path, and the real AMOS slices when present. Returns (tmp folder, runs by name)."""
+    tmp = tmp_path_factory.mktemp("python_m")
+    runs = {"error": _cli_subprocess("prepare_acdc_h5", tmp / "missing", tmp / "out")}
+    if AMOS.is_dir():
+        runs["amos"] = _cli_subprocess("prepare_synapse", AMOS, tmp / "amos")
+    yield tmp, runs
+    for run in runs.values():
+        run.stop()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not AMOS.is_dir(), reason=f"{AMOS} is not present (clones lack ../shared)")
-def test_python_m_fias_monai_on_real_amos(tmp_path):
-    out = tmp_path / "amos"
-    proc = _cli_subprocess("prepare_synapse", AMOS, out)
+def test_python_m_fias_monai_on_real_amos(python_m):
+    tmp, runs = python_m
+    out = tmp / "amos"
+    proc = runs["amos"].result()
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(out / "datalist.json")
     assert "2 case(s) written (training 1, validation 1, test 0)" in proc.stderr
@@ -405,7 +418,8 @@ def test_python_m_fias_monai_on_real_amos(tmp_path):
 
 
 @pytest.mark.slow
-def test_python_m_fias_monai_error(tmp_path):
-    proc = _cli_subprocess("prepare_acdc_h5", tmp_path / "missing", tmp_path / "out")
+def test_python_m_fias_monai_error(python_m):
+    tmp, runs = python_m
+    proc = runs["error"].result()
     _assert_clean_error(proc.returncode, proc.stderr, "does not exist")
     assert proc.stdout == ""
