@@ -31,6 +31,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import BackgroundRun
 from fias_monai.data import load_datalist, make_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,12 +79,6 @@ def _tail(path: Path, n: int = 60) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
     except OSError:
         return f"(no {path})"
-
-
-def _run(cmd, log: Path, cwd: Path, timeout: float) -> None:
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{_tail(log)}"
 
 
 def _tiny_bundle(dst: Path) -> Path:
@@ -158,7 +153,23 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def overlay_dry_run(tmp_path_factory):
+    """``monailabel_server.sh --overlay synapse.json --init-model --dry-run`` on a copy of the tiny bundle,
+    started in the background: the server fixture asks for it first, so that its ~9 s (the label venv's
+    python importing torch and fias_monai on one core) go by beside the server's start-up on the other.
+    Returns (tmp folder, bundle copy, the run)."""
+    tmp = tmp_path_factory.mktemp("overlay")
+    bundle = _tiny_bundle(tmp / "bundle")
+    (tmp / "studies").mkdir()
+    cmd = ["bash", SCRIPT, tmp / "studies", "--app", tmp / "app", "--bundle", bundle,
+           "--overlay", REPO / "bundle" / "configs" / "synapse.json", "--init-model", "--dry-run", "--python", LABEL_PY]
+    run = BackgroundRun(cmd, cwd=tmp, env=dict(os.environ), timeout=180)
+    yield tmp, bundle, run
+    run.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, overlay_dry_run):
     tmp = tmp_path_factory.mktemp("monailabel")
 
     # Data: demo volumes (3 labelled studies for training/validation) + an unlabelled one of another shape.
@@ -198,7 +209,7 @@ def server(tmp_path_factory):
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             assert time.monotonic() < deadline, f"server not up after 120 s:\n{_tail(log)}{_probe()}"
-            time.sleep(1)
+            time.sleep(0.25)
         meta = json.loads((bundle / "configs" / "metadata.json").read_text())
         channels = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
         labels = {v.lower(): int(k) for k, v in channels.items() if v.lower() != "background"}
@@ -289,7 +300,7 @@ def test_train_one_epoch_updates_model(server, tmp_path):
         if task["status"] not in ("SUBMITTED", "RUNNING"):
             break
         assert time.monotonic() < deadline, f"training not done after 180 s: {task}"
-        time.sleep(2)
+        time.sleep(0.5)
     details = "\n".join(task.get("details") or [])
     assert task["status"] == "DONE", f"train task {task['status']}:\n{details}\n{_tail(server.log)}"
     after = (model_pt.stat().st_mtime_ns, hashlib.sha256(model_pt.read_bytes()).hexdigest())
@@ -299,14 +310,12 @@ def test_train_one_epoch_updates_model(server, tmp_path):
     assert "Reload model from cache" in server.log.read_text(errors="replace"), "new model.pt was not reloaded"
 
 
-def test_overlay_sets_label_set(tmp_path):
+def test_overlay_sets_label_set(overlay_dry_run):
     """--overlay writes the overlay's classes into the copy's metadata + configs; --init-model fits the new head."""
-    bundle = _tiny_bundle(tmp_path / "bundle")
-    (tmp_path / "studies").mkdir()
-    cmd = ["bash", str(SCRIPT), str(tmp_path / "studies"), "--app", str(tmp_path / "app"), "--bundle", str(bundle),
-           "--overlay", str(REPO / "bundle" / "configs" / "synapse.json"), "--init-model", "--dry-run",
-           "--python", str(LABEL_PY)]
-    _run(cmd, tmp_path / "dry.log", tmp_path, timeout=180)
+    tmp_path, bundle, run = overlay_dry_run
+    proc = run.result()
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(run.cmd)} failed ({proc.returncode}):\n{log[-6000:]}"
     copy = tmp_path / "app" / "model" / MODEL / "configs"
     overlay = json.loads((REPO / "bundle" / "configs" / "synapse.json").read_text())
     meta = json.loads((copy / "metadata.json").read_text())
@@ -319,6 +328,6 @@ def test_overlay_sets_label_set(tmp_path):
         assert cfg["network_def"]["embed_dims"] == TINY_NET["embed_dims"], name  # the rest of the config is kept
     assert json.loads((copy / "inference.json").read_text())["dataset_dir"] != overlay["dataset_dir"]
     assert (copy.parent / "models" / "model.pt").is_file()
-    assert "start_server" in (tmp_path / "dry.log").read_text()
+    assert "start_server" in log
     # the repo's bundle is untouched
     assert json.loads((bundle / "configs" / "metadata.json").read_text()) != meta
