@@ -22,7 +22,8 @@ Any model name takes a ``+cl`` suffix: weights and inputs in channels_last memor
 A FIAS name takes ``-v025`` before it: bundle 0.2.5's step (PyTorch LayerNorm, unpadded MixAtt heads, the
 loss in PyTorch), e.g. ``fias_tiny_fused-v025+cl``, to compare versions in one run.
 
-FIAS ablations (``:no_dmk``, ``:sum``, ``:conv_decoder`` after a FIAS name) show what each block costs:
+FIAS ablations (``:no_dmk``, ``:sum``, ``:conv_decoder`` after a FIAS name) show what each block costs;
+``:full_res_head`` adds the full-resolution head (beyond the paper):
 
     python scripts/benchmark_network.py --eager "" --msda false \
         --graph fias_tiny_gather,fias_tiny_gather:no_dmk,fias_tiny_gather:sum,fias_tiny_gather:conv_decoder,swinunetr
@@ -62,6 +63,8 @@ from fias_monai.transforms import as_bool
 # FIAS ablations of the paper's Table 3 (fias_monai.params.ABLATIONS), as a ":<ablation>" suffix
 # (``fias_tiny_gather:no_dmk``): their graph-mode cost against the full network shows where FIAS's step time goes
 ABLATION_SUFFIXES = {"no_dmk": "no DMK", "sum": "Summation fusion", "conv_decoder": "no MixAtt"}
+# switches beyond the paper, as the same kind of suffix (``fias_tiny_fused:full_res_head+cl``)
+OPTION_SUFFIXES = {"full_res_head": {"full_res_head": True}}
 
 
 def as_bundle_0_2_5(net: torch.nn.Module) -> torch.nn.Module:
@@ -82,7 +85,12 @@ def build(name: str, classes: int) -> tuple[torch.nn.Module, torch.nn.Module]:
         legacy = base.endswith("-v025")
         base = base.removesuffix("-v025")
         impl = base.split("_")[-1] if base.split("_")[-1] in ATTENTION_IMPLS else "shift"
-        kwargs = ABLATIONS[ABLATION_SUFFIXES[ablation]] if ablation else {}
+        if not ablation:
+            kwargs = {}
+        elif ablation in OPTION_SUFFIXES:
+            kwargs = OPTION_SUFFIXES[ablation]
+        else:
+            kwargs = ABLATIONS[ABLATION_SUFFIXES[ablation]]
         net = FIAS(1, classes, "tiny", attention_impl=impl, **kwargs)
         if legacy:
             return as_bundle_0_2_5(net), FeatureMixingLoss(impl="torch")
