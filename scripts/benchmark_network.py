@@ -63,8 +63,10 @@ from fias_monai.transforms import as_bool
 # FIAS ablations of the paper's Table 3 (fias_monai.params.ABLATIONS), as a ":<ablation>" suffix
 # (``fias_tiny_gather:no_dmk``): their graph-mode cost against the full network shows where FIAS's step time goes
 ABLATION_SUFFIXES = {"no_dmk": "no DMK", "sum": "Summation fusion", "conv_decoder": "no MixAtt"}
-# switches beyond the paper, as the same kind of suffix (``fias_tiny_fused:full_res_head+cl``)
-OPTION_SUFFIXES = {"full_res_head": {"full_res_head": True}}
+# FIAS keyword arguments per ":<suffix>": the ablations, and the switches beyond the paper
+# (``fias_tiny_fused:full_res_head+cl``)
+SUFFIX_KWARGS = {**{suffix: ABLATIONS[row] for suffix, row in ABLATION_SUFFIXES.items()},
+                 "full_res_head": {"full_res_head": True}}
 
 
 def as_bundle_0_2_5(net: torch.nn.Module) -> torch.nn.Module:
@@ -85,12 +87,7 @@ def build(name: str, classes: int) -> tuple[torch.nn.Module, torch.nn.Module]:
         legacy = base.endswith("-v025")
         base = base.removesuffix("-v025")
         impl = base.split("_")[-1] if base.split("_")[-1] in ATTENTION_IMPLS else "shift"
-        if not ablation:
-            kwargs = {}
-        elif ablation in OPTION_SUFFIXES:
-            kwargs = OPTION_SUFFIXES[ablation]
-        else:
-            kwargs = ABLATIONS[ABLATION_SUFFIXES[ablation]]
+        kwargs = SUFFIX_KWARGS[ablation] if ablation else {}
         net = FIAS(1, classes, "tiny", attention_impl=impl, **kwargs)
         if legacy:
             return as_bundle_0_2_5(net), FeatureMixingLoss(impl="torch")
