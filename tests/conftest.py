@@ -126,6 +126,22 @@ class BackgroundRun:
             self.proc.wait()
 
 
+def overfit(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> list[float]:
+    """Train ``net`` in train mode on one batch with Adam and FIAS's feature-mixing loss; the loss per step."""
+    from fias_monai.losses import FeatureMixingLoss
+
+    loss_fn = FeatureMixingLoss()
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(net.train()(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from conftest import TINY_NET
-from fias_monai.losses import FeatureMixingLoss
+from conftest import TINY_NET, overfit
 from fias_monai.networks import FIAS
 from fias_monai.networks.blocks import FullResolutionHead
 
@@ -33,12 +32,7 @@ def _fit_one_pixel_lines(full_res_head: bool, steps: int = 30) -> float:
     y[1] = y[0].transpose(-1, -2)
     x = y.float() + 0.1 * torch.rand(2, 1, 32, 32)
     net = FIAS(1, 2, **TINY_NET, decoder_dropout=0.0, full_res_head=full_res_head)
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    loss_fn = FeatureMixingLoss()
-    for _ in range(steps):
-        opt.zero_grad()
-        loss_fn(net(x), y).backward()
-        opt.step()
+    overfit(net, x, y, steps=steps, lr=3e-3)
     with torch.no_grad():
         pred = net.eval()(x).argmax(1, keepdim=True) == 1
     truth = y == 1

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import TINY_NET
+from conftest import TINY_NET, overfit
 from fias_monai.networks import FIAS, FIAS_VARIANTS, fias_base, fias_small, fias_tiny
 from fias_monai.networks.blocks import (
     ContextAwareFusion,
@@ -98,8 +98,6 @@ def test_wrong_channel_count_and_rank_raise():
 
 
 def test_loss_falls_when_overfitting_one_batch():
-    from fias_monai.losses import FeatureMixingLoss
-
     net = tiny(decoder_dropout=0.0)
     x = torch.rand(2, 1, 64, 64)
     y = torch.zeros(2, 1, 64, 64, dtype=torch.long)
@@ -107,15 +105,7 @@ def test_loss_falls_when_overfitting_one_batch():
     y[:, :, 44:56, 8:20] = 2
     y[:, :, 4:8, 50:56] = 3
     x = x + y.float()  # make the classes visible
-    loss_fn = FeatureMixingLoss()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(25):
-        opt.zero_grad()
-        loss = loss_fn(net(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = overfit(net, x, y, steps=25, lr=1e-3)
     assert losses[-1] < 0.5 * losses[0], losses
 
 
