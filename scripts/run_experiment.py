@@ -4,7 +4,7 @@ Runs exactly the commands a user runs (``python -m monai.bundle run training`` t
 with the given config overlays and overrides, records wall-clock minutes, the GPU, the git commit
 (``GIT_COMMIT`` env var when the tree has no .git), GPU utilisation samples, the validation curve
 (``val_history.csv``) and the per-class metrics, and saves the predictions of a few validation volumes
-(uint8 npz) for the qualitative figure.
+(uint8 npz) for the qualitative figure. The results JSON is written last, so its presence marks a finished row.
 
     python scripts/run_experiment.py --name fias_tiny --overlays bundle/configs/acdc.json \
         --workdir /tmp/runs --out results/ --overrides '{"dataset_dir": "/tmp/acdc"}'
@@ -127,13 +127,14 @@ def main(name: str, overlays: str, workdir: str = "/tmp/runs", out: str = "resul
         "val_history": history,
         "per_case": per_case,
     }
+    if save_preds and not eval_tag:
+        _save_predictions(name, overlays_list, overrides, out_dir, save_preds, log)
+    # written last: a results JSON means the row is complete, its predictions included (device jobs wait on it)
     (out_dir / f"{result_name}_results.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("name", "gpu", "train_wall_minutes_incl_caching",
                                              "gpu_util_mean_during_training")}))
     for row in summary:
         print(row)
-    if save_preds and not eval_tag:
-        _save_predictions(name, overlays_list, overrides, out_dir, save_preds, log)
 
 
 def _save_predictions(name, overlays_list, overrides, out_dir, n, log) -> None:

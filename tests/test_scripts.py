@@ -1,6 +1,7 @@
 """The experiment script behind the ACDC table (``scripts/run_experiment.py``), on CPU with a tiny network.
 
-* a row trains once and evaluates; ``--eval_tag`` evaluates the same trained model again with other
+* a row trains once and evaluates, and writes its results JSON after its predictions (the JSON marks a
+  finished row); ``--eval_tag`` evaluates the same trained model again with other
   evaluation settings into ``<name>_<tag>_results.json`` without training again;
 * a ``None`` override is refused before anything runs (MONAI's bundle CLI would drop it silently).
 
@@ -22,8 +23,8 @@ TINY = {"network_def#embed_dims": [24, 48, 96, 192], "network_def#depths": [1, 1
         "epochs": 1, "batch_size": 2, "num_workers": 0, "cache_workers": 1}
 
 
-def _args(tmp_path, overrides: dict, *extra: str) -> list[str]:
-    return ["--name", "row", "--overlays", "", "--save_preds", "0", "--workdir", str(tmp_path / "runs"),
+def _args(tmp_path, overrides: dict, *extra: str, save_preds: int = 0) -> list[str]:
+    return ["--name", "row", "--overlays", "", "--save_preds", str(save_preds), "--workdir", str(tmp_path / "runs"),
             "--out", str(tmp_path / "out"), "--overrides", repr(overrides), *extra]
 
 
@@ -34,23 +35,23 @@ def _load_script(name: str):
     return module
 
 
-def _fire_run_experiment(tmp_path, overrides: dict, *extra: str) -> None:
+def _fire_run_experiment(tmp_path, overrides: dict, *extra: str, script=None, save_preds: int = 0) -> None:
     """``python scripts/run_experiment.py ARGS``, its command line parsed by fire as the script does, in this
     process: a subprocess for the script itself would spend ~9 s importing MONAI (its bundle runs are
-    subprocesses all the same)."""
+    subprocesses all the same). ``script``: the loaded module, for a test that replaces one of its helpers."""
     import fire
 
-    fire.Fire(_load_script("run_experiment").main, command=_args(tmp_path, overrides, *extra),
-              name="run_experiment.py")
+    fire.Fire((script or _load_script("run_experiment")).main, name="run_experiment.py",
+              command=_args(tmp_path, overrides, *extra, save_preds=save_preds))
 
 
-def _run_experiment(tmp_path, monkeypatch, capsys, overrides: dict, *extra: str) -> str:
+def _run_experiment(tmp_path, monkeypatch, capsys, overrides: dict, *extra: str, **kwargs) -> str:
     """The script from the repo root (its config paths are relative) on CPU; returns what it printed."""
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     capsys.readouterr()
     try:
-        _fire_run_experiment(tmp_path, overrides, *extra)
+        _fire_run_experiment(tmp_path, overrides, *extra, **kwargs)
     except SystemExit as e:  # a failed bundle run: the script exits naming its log
         log = tmp_path / "out" / "row_log.txt"
         pytest.fail(f"run_experiment.py exited ({e}):\n{log.read_text()[-6000:] if log.is_file() else ''}")
@@ -63,8 +64,17 @@ def test_run_experiment_evaluates_a_trained_row_again_under_an_eval_tag(tmp_path
     # test, not the training (the bundle would otherwise generate its 11-volume demo set here)
     make_demo_dataset(tmp_path / "demo", num_train=2, num_val=1, shape=(64, 64, 4))
     overrides = {**TINY, "dataset_dir": str(tmp_path / "demo")}
-    first = _run_experiment(tmp_path, monkeypatch, capsys, overrides)
+    script = _load_script("run_experiment")
+    results_json_existed = []  # when the predictions were saved (the predictor itself is not under test)
+
+    def record(name, *_):
+        results_json_existed.append((tmp_path / "out" / f"{name}_results.json").exists())
+
+    script._save_predictions = record
+    first = _run_experiment(tmp_path, monkeypatch, capsys, overrides, script=script, save_preds=1)
     assert "training already done" not in first
+    # the results JSON is written last: a device job that waits for it finds the predictions saved too
+    assert results_json_existed == [False]
     again = _run_experiment(tmp_path, monkeypatch, capsys, overrides, "--eval_tag", "lcc",
                             "--eval_overrides", repr({"keep_largest_component": True}))
     assert "training already done" in again
