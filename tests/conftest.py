@@ -95,13 +95,14 @@ def run_in_triton_interpreter(script: str) -> list:
 class BackgroundRun:
     """A subprocess started now, in the background. Slow tests start two independent ones at a time: each
     spends most of its time importing torch and MONAI on one core, and the machine has two. Its output goes
-    to temporary files (no pipe fills up while the other run is waited for); :meth:`result` waits for it,
+    to temporary files (no pipe fills up while the other run is waited for); :meth:`result` waits for it
+    (and with ``check`` fails the test on a non-zero exit, naming the command and the output's tails),
     :meth:`stop` (a fixture's teardown) kills it if no test waited for it."""
 
-    def __init__(self, cmd: list, *, cwd, env: dict, timeout: float) -> None:
+    def __init__(self, cmd: list, *, cwd, env: dict, timeout: float, check: bool = False) -> None:
         import tempfile
 
-        self.cmd, self.timeout = [str(c) for c in cmd], timeout
+        self.cmd, self.timeout, self.check = [str(c) for c in cmd], timeout, check
         self._out, self._err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(self.cmd, cwd=cwd, env=env, stdout=self._out, stderr=self._err)
         self._done = None
@@ -118,7 +119,12 @@ class BackgroundRun:
                                                      self._err.read())
             self._out.close()
             self._err.close()
-        return self._done
+        proc = self._done
+        if self.check:
+            assert proc.returncode == 0, (
+                f"exit {proc.returncode}: {' '.join(self.cmd)}\n--- stdout ---\n{proc.stdout[-6000:]}\n"
+                f"--- stderr ---\n{proc.stderr[-6000:]}")
+        return proc
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -51,23 +50,13 @@ def _cli_overrides(overrides: dict) -> list[str]:
     return args
 
 
-class _Bundle(BackgroundRun):
+def _bundle(*args: str, overrides: dict, timeout: float = 400) -> BackgroundRun:
     """``python -m monai.bundle ARGS --key value ...`` from the repo root, started now in the background
-    (one torch thread: the slow tests run two at a time on the 2 cores); :meth:`result` waits for it and
+    (one torch thread: the slow tests run two at a time on the 2 cores); its ``result()`` waits for it and
     fails the test on a non-zero exit."""
-
-    def __init__(self, *args: str, overrides: dict, timeout: float = 400) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-        super().__init__([sys.executable, "-m", "monai.bundle", *args, *_cli_overrides(overrides)], cwd=REPO,
-                         env=env, timeout=timeout)
-
-    def result(self) -> subprocess.CompletedProcess:
-        proc = super().result()
-        assert proc.returncode == 0, (
-            f"exit {proc.returncode}: {' '.join(self.cmd)}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n"
-            f"{proc.stderr[-6000:]}"
-        )
-        return proc
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    return BackgroundRun([sys.executable, "-m", "monai.bundle", *args, *_cli_overrides(overrides)], cwd=REPO,
+                         env=env, timeout=timeout, check=True)
 
 
 def _sha256(path: Path) -> str:
@@ -430,8 +419,8 @@ def workdir(tmp_path_factory):
     assert not [d for d in absent if (REPO / "bundle" / d).exists()], "a bundle test wrote into the repo's bundle/"
 
 
-def _train(bundle_root: Path, workdir: Path, **overrides) -> _Bundle:
-    return _Bundle("run", "training", "--config_file", str(TRAIN),
+def _train(bundle_root: Path, workdir: Path, **overrides) -> BackgroundRun:
+    return _bundle("run", "training", "--config_file", str(TRAIN),
                    overrides={**TINY, "epochs": 1, "batch_size": 2, "num_workers": 0, "cache_workers": 1,
                               "bundle_root": str(bundle_root), "dataset_dir": str(workdir / "demo"), **overrides})
 
@@ -457,7 +446,7 @@ def model_runs(workdir, trained) -> dict:
     """Evaluation and inference of the trained model, side by side. Inference runs over: the real CT
     (linked, when present) and synthetic volumes saved LPI and PSR with non-unit spacing and a non-zero
     origin."""
-    evaluating = _Bundle("run", "evaluating", "--config_file", json.dumps([str(TRAIN), str(EVALUATE)]),
+    evaluating = _bundle("run", "evaluating", "--config_file", json.dumps([str(TRAIN), str(EVALUATE)]),
                          overrides={**TINY, "num_workers": 0, "cache_workers": 1, "bundle_root": str(trained),
                                     "dataset_dir": str(workdir / "demo")})
     inp, out = workdir / "infer_in", workdir / "infer_out"
@@ -471,7 +460,7 @@ def model_runs(workdir, trained) -> dict:
     if REAL_CT.is_file():
         os.symlink(REAL_CT, inp / REAL_CT.name)  # read in place: the real file must stay untouched
     hashes = {p.name: _sha256(p) for p in inp.iterdir()}
-    inference = _Bundle("run", "--config_file", str(INFER),
+    inference = _bundle("run", "--config_file", str(INFER),
                         overrides={**TINY, "num_workers": 0, "bundle_root": str(trained), "dataset_dir": str(inp),
                                    "output_dir": str(out)})
     yield {"evaluating": evaluating, "inference": (inference, inp, out, hashes)}

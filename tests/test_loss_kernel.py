@@ -18,7 +18,6 @@ from fias_monai.triton_support import interpreting
 _INTERPRETED_CHECK = triton_interpreter_check("test_loss_kernel: the fused loss against PyTorch", r"""
 import json, torch
 from fias_monai.losses import FeatureMixingLoss
-from fias_monai.triton_support import interpreting
 torch.manual_seed(0)
 rows = []
 cases = [  # B, C, H, W, maps, channels_last per map, loss options

@@ -163,7 +163,7 @@ def overlay_dry_run(tmp_path_factory):
     (tmp / "studies").mkdir()
     cmd = ["bash", SCRIPT, tmp / "studies", "--app", tmp / "app", "--bundle", bundle,
            "--overlay", REPO / "bundle" / "configs" / "synapse.json", "--init-model", "--dry-run", "--python", LABEL_PY]
-    run = BackgroundRun(cmd, cwd=tmp, env=dict(os.environ), timeout=180)
+    run = BackgroundRun(cmd, cwd=tmp, env=dict(os.environ), timeout=180, check=True)
     yield tmp, bundle, run
     run.stop()
 
@@ -313,9 +313,8 @@ def test_train_one_epoch_updates_model(server, tmp_path):
 def test_overlay_sets_label_set(overlay_dry_run):
     """--overlay writes the overlay's classes into the copy's metadata + configs; --init-model fits the new head."""
     tmp_path, bundle, run = overlay_dry_run
-    proc = run.result()
+    proc = run.result()  # fails the test on a non-zero exit
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(run.cmd)} failed ({proc.returncode}):\n{log[-6000:]}"
     copy = tmp_path / "app" / "model" / MODEL / "configs"
     overlay = json.loads((REPO / "bundle" / "configs" / "synapse.json").read_text())
     meta = json.loads((copy / "metadata.json").read_text())
