@@ -147,6 +147,10 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from fias_monai.metrics import MeanDiceProtocol
 
     os.environ["LOCAL_RANK"] = str(rank)  # as torchrun sets it (ignite reads it)
+    # a CPU gloo group on a GPU machine too: ignite's collectives move tensors to the current CUDA device
+    # whenever CUDA is available, and a forked child cannot initialise CUDA once the parent has (the GPU
+    # tests before this one in a session): "Cannot re-initialize CUDA in forked subprocess"
+    torch.cuda.is_available = lambda: False
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         vols = _volumes(3, seed=0)
