@@ -21,11 +21,13 @@ import fire
 import numpy as np
 
 NAMES = {
-    "fias_v10_h100": "FIAS-tiny, bundle 0.2.8, alone on the host",
-    "fias_v10": "FIAS-tiny, bundle 0.2.8",
+    "fias_m20": "FIAS-tiny, 20-minute budget",
+    "basicunet_m20": "MONAI BasicUNet, 20-minute budget",
+    "fias_v10_h100": "FIAS-tiny, bundle 0.2.8, 7.5-minute budget, alone on the host",
+    "fias_v10": "FIAS-tiny, bundle 0.2.8, 7.5-minute budget",
     "fias_v10_fr": "FIAS-tiny, full-resolution head",
     "fias_v10_fr_s1": "FIAS-tiny, full-resolution head, seed 1",
-    "basicunet_v10": "MONAI BasicUNet",
+    "basicunet_v10": "MONAI BasicUNet, 7.5-minute budget",
     "fias_v9": "FIAS-tiny, bundle 0.2.7",
     "fias_v9_s1": "FIAS-tiny, bundle 0.2.7, seed 1",
     "fias_v9_aug": "FIAS-tiny, stronger spatial augmentation",
@@ -81,7 +83,8 @@ NAMES = {
 # the curve: the default ACDC recipe alone on one H100 (the card of the time-to-accuracy target) and the runs
 # of session 10 trained side by side on one host of H200s (FIAS-tiny with and without the full-resolution
 # head, BasicUNet); the figure: session 9's three networks from one host (bundle 0.2.7, the same recipe).
-# Earlier recipes' curves and figures are drawn with --curve/--figure and a --tag (see bundle/docs/README.md)
+# Session 11's 20-minute budget against 7.5 minutes, and earlier recipes' curves and figures, are drawn with
+# --curve/--figure and a --tag (see bundle/docs/README.md)
 CURVE_RUNS = "fias_v10_h100,fias_v10,fias_v10_fr,basicunet_v10"
 FIGURE_RUNS = "fias_v9,basicunet_v9,swinunetr_v9"
 _TS = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
@@ -137,6 +140,44 @@ def _names(value) -> list[str]:
     return [n for n in (value if isinstance(value, (list, tuple)) else str(value).split(",")) if n]
 
 
+def _titled_figure(rows: list[np.ndarray], columns: list[str], cases: list[str], zs: list[tuple[int, int]],
+                   per_case: dict[str, list[dict]], path: Path, gap: int = 2) -> None:
+    """The panels of compare_panel (one row image per case, tiles ``gap`` pixels apart) with what the paper's
+    figure states in text: column titles, the case and slice of each row, each prediction's 3D Dice per class
+    on that case (from the run's evaluation), and the colour key."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from fias_monai.visualize import DEFAULT_CLASS_COLORS
+
+    n = len(columns)
+    widths = [r.shape[1] for r in rows]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(2.3 * n, 2.75 * len(rows)), dpi=120, squeeze=False,
+                             gridspec_kw={"height_ratios": [r.shape[0] / w for r, w in zip(rows, widths)]})
+    classes = ("RV", "MYO", "LV")
+    for ax, row, w, case, (z, depth) in zip(axes[:, 0], rows, widths, cases, zs):
+        ax.imshow(row)
+        ax.set_xticks([]), ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_visible(False)
+        tile = (w - gap * (n - 1)) / n
+        centres = [(tile + gap) * i + tile / 2 for i in range(n)]
+        for x, title in zip(centres, columns):
+            ax.text(x, -6, title, ha="center", va="bottom", fontsize=7.5, wrap=True)
+        ax.set_ylabel(f"{case}\nslice {z} of {depth} (0-based,\nthe most ground truth)", fontsize=7.5)
+        for x, name in zip(centres[2:], per_case):
+            dice = {d["class_name"]: 100 * float(d["dice"]) for d in per_case[name] if d["case"] == case}
+            if dice:
+                ax.text(x, row.shape[0] + 4, "  ".join(f"{c} {dice[c]:.1f}" for c in classes if c in dice),
+                        ha="center", va="top", fontsize=6.5)
+    key = [Patch(color=DEFAULT_CLASS_COLORS[i + 1], label=c) for i, c in enumerate(classes)]
+    fig.legend(handles=key, loc="lower center", ncol=3, fontsize=8, frameon=False,
+               title="3D Dice (%) of each prediction on its case, under it", title_fontsize=7.5)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CURVE_RUNS,
          figure: str = FIGURE_RUNS, cases: str | None = None, tag: str = "") -> None:
     """Args:
@@ -150,7 +191,7 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     """
     runs_dir, out_dir = Path(runs), Path(out)
     (out_dir / "results").mkdir(parents=True, exist_ok=True)
-    results = {}
+    results, per_case = {}, {}
     logged = {p.name[: -len("_log.txt")] for p in runs_dir.glob("*_log.txt")}
     # a row evaluated again with other settings (run_experiment --eval_tag) shares its training's log
     retagged = {p.name[: -len("_results.json")] for p in runs_dir.glob("*_results.json")} - logged
@@ -172,7 +213,7 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         epochs = re.findall(r"Epoch\[(\d+)\] Complete", log.split("$ ")[1] if "$ " in log else log)
         # the log may hold only an evaluation (a re-run after a cut-off call): the curve counts epochs too
         r["epochs_trained"] = max([int(e) for e in epochs] + [len(r["val_history"])]) or None
-        r.pop("per_case", None)
+        per_case[r["name"]] = r.pop("per_case", [])  # kept for the figure, not in the docs' JSON
         results[r["name"]] = r
         (out_dir / "results" / f"{r['name']}.json").write_text(json.dumps(r, indent=1))
 
@@ -223,18 +264,15 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         ref = preds[order[0]]
         saved = sorted({k.split("__")[0] for k in ref.files})
         cases = _names(cases) if cases else sorted({saved[0], saved[-1]})
-        panels = []
+        panels, zs = [], []
         for case in cases:
             image, label = ref[f"{case}__image"], ref[f"{case}__label"]
             z = int(np.argmax((label > 0).sum(axis=(0, 1))))
+            zs.append((z, label.shape[-1]))
             panels.append(compare_panel(image, label, {NAMES.get(n, n): preds[n][f"{case}__pred"] for n in order},
                                         out_dir / f".panel_{case}.png", slices=[z]))
-        from skimage import io
-
-        rows = [io.imread(p) for p in panels]
-        width = max(r.shape[1] for r in rows)
-        rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-        io.imsave(out_dir / f"acdc_qualitative{tag}.png", np.concatenate(rows, axis=0), check_contrast=False)
+        _titled_figure([plt.imread(p) for p in panels], ["image", "ground truth", *(NAMES.get(n, n) for n in order)],
+                       cases, zs, {n: per_case.get(n, []) for n in order}, out_dir / f"acdc_qualitative{tag}.png")
         for p in panels:
             Path(p).unlink()
         print("qualitative columns: image, ground truth, " + ", ".join(NAMES.get(n, n) for n in order), "; cases", cases)
