@@ -157,7 +157,8 @@ def _titled_figure(rows: list[np.ndarray], columns: list[str], cases: list[str],
     classes = ("RV", "MYO", "LV")
     for ax, row, w, case, (z, depth) in zip(axes[:, 0], rows, widths, cases, zs):
         ax.imshow(row)
-        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_xticks([])
+        ax.set_yticks([])
         for side in ax.spines.values():
             side.set_visible(False)
         tile = (w - gap * (n - 1)) / n
@@ -170,6 +171,7 @@ def _titled_figure(rows: list[np.ndarray], columns: list[str], cases: list[str],
             if dice:
                 ax.text(x, row.shape[0] + 4, "  ".join(f"{c} {dice[c]:.1f}" for c in classes if c in dice),
                         ha="center", va="top", fontsize=6.5)
+    # compare_panel colours label value i with DEFAULT_CLASS_COLORS[i]; acdc.json's labels are RV 1, MYO 2, LV 3
     key = [Patch(color=DEFAULT_CLASS_COLORS[i + 1], label=c) for i, c in enumerate(classes)]
     fig.legend(handles=key, loc="lower center", ncol=3, fontsize=8, frameon=False,
                title="3D Dice (%) of each prediction on its case, under it", title_fontsize=7.5)
