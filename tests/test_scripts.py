@@ -2,7 +2,8 @@
 
 * a row trains once and evaluates, and writes its results JSON after its predictions (the JSON marks a
   finished row); ``--eval_tag`` evaluates the same trained model again with other
-  evaluation settings into ``<name>_<tag>_results.json`` without training again;
+  evaluation settings (or the final weights, ``models/last.pt``) into ``<name>_<tag>_results.json`` without
+  training again;
 * a ``None`` override is refused before anything runs (MONAI's bundle CLI would drop it silently).
 
 And the label-resampling ceiling of ``scripts/resolution_ceiling.py`` on a synthetic label.
@@ -89,6 +90,15 @@ def test_run_experiment_evaluates_a_trained_row_again_under_an_eval_tag(tmp_path
     assert "--keep_largest_component True" in log
     bundle = tmp_path / "runs" / "row" / "bundle"
     assert (bundle / "eval" / "metrics_summary.csv").is_file() and (bundle / "eval_lcc" / "metrics_summary.csv").is_file()
+
+    # the final weights instead of the best validation's, as bundle/docs/README.md documents it: the resume
+    # checkpoint holds the optimizer and the best score too, and the loader takes its "model" entry
+    _run_experiment(tmp_path, monkeypatch, capsys, overrides, "--eval_tag", "last", "--eval_overrides",
+                    '{"validate#handlers#0#load_path": "$os.path.join(@ckpt_dir, \\"last.pt\\")"}')
+    log = (out / "row_log.txt").read_text()
+    assert log.count("monai.bundle run training") == 1 and log.count("monai.bundle run evaluating") == 3
+    assert f"Restored all variables from {bundle / 'models' / 'last.pt'}" in log
+    assert (out / "row_last_results.json").is_file()
 
 
 def test_run_experiment_refuses_a_none_override_before_running(tmp_path):
