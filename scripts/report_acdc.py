@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 from datetime import datetime
 from pathlib import Path
 
@@ -23,6 +24,13 @@ import numpy as np
 NAMES = {
     "fias_m20": "FIAS-tiny, 20-minute budget",
     "basicunet_m20": "MONAI BasicUNet, 20-minute budget",
+    "fias_m20_s1": "FIAS-tiny, 20-minute budget, seed 1",
+    "fias_m20_aug": "FIAS-tiny, 20 minutes, stronger spatial augmentation",
+    "fias_m20_adamw": "FIAS-tiny, 20 minutes, AdamW, weight decay 0.05 (NaN after 29 epochs)",
+    "swinunetr_m20": "MONAI SwinUNETR-2D, 20-minute budget",
+    "fias_m20_s1_last": "FIAS-tiny, 20-minute budget, seed 1, final weights",
+    "fias_m20_aug_last": "FIAS-tiny, 20 minutes, stronger spatial augmentation, final weights",
+    "swinunetr_m20_last": "MONAI SwinUNETR-2D, 20-minute budget, final weights",
     "fias_v10_h100": "FIAS-tiny, bundle 0.2.8, 7.5-minute budget, alone on the host",
     "fias_v10": "FIAS-tiny, bundle 0.2.8, 7.5-minute budget",
     "fias_v10_fr": "FIAS-tiny, full-resolution head",
@@ -140,6 +148,46 @@ def _names(value) -> list[str]:
     return [n for n in (value if isinstance(value, (list, tuple)) else str(value).split(",")) if n]
 
 
+CLASSES = ("background", "RV", "MYO", "LV")  # acdc.json's label values 0-3
+
+
+def voxel_confusion(label: np.ndarray, pred: np.ndarray, num_classes: int = len(CLASSES)) -> np.ndarray:
+    """Voxel counts of one volume: row = ground-truth class, column = predicted class.
+
+    Args:
+        label: integer label map (any shape).
+        pred: integer prediction of the same shape.
+        num_classes: size of the square result.
+    """
+    if label.shape != pred.shape:
+        raise ValueError(f"label {label.shape} and prediction {pred.shape} differ in shape")
+    label, pred = label.astype(np.int64).ravel(), pred.astype(np.int64).ravel()
+    if min(label.min(initial=0), pred.min(initial=0)) < 0 or max(label.max(initial=0), pred.max(initial=0)) >= num_classes:
+        raise ValueError(f"label values outside 0..{num_classes - 1}")
+    return np.bincount(num_classes * label + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def confusion_table(preds: dict[str, dict], names: dict[str, str] | None = None) -> str:
+    """Markdown table of where each run's errors go, summed over the volumes every run saved: one row per
+    (ground truth -> prediction) pair of different classes, in voxels, and each class's predicted / true
+    volume. ``preds``: run name -> its ``_val_preds.npz`` (``<case>__label`` / ``<case>__pred``)."""
+    names = names or {}
+    cases = sorted(set.intersection(*({k.split("__")[0] for k in p.files if k.endswith("__pred")} for p in preds.values())))
+    mats = {n: sum(voxel_confusion(p[f"{c}__label"], p[f"{c}__pred"]) for c in cases) for n, p in preds.items()}
+    lines = [f"voxels over {len(cases)} volumes ({', '.join(cases)})",
+             "| ground truth -> prediction | " + " | ".join(names.get(n, n) for n in mats) + " |",
+             "|---|" + "---:|" * len(mats)]
+    k = len(CLASSES)
+    for t in range(k):
+        for q in range(k):
+            if t != q:
+                lines.append(f"| {CLASSES[t]} -> {CLASSES[q]} | " + " | ".join(str(int(m[t, q])) for m in mats.values()) + " |")
+    for c in range(1, k):
+        lines.append(f"| {CLASSES[c]}: predicted / true volume | "
+                     + " | ".join(f"{m[:, c].sum() / max(m[c].sum(), 1):.3f}" for m in mats.values()) + " |")
+    return "\n".join(lines)
+
+
 def _titled_figure(rows: list[np.ndarray], columns: list[str], cases: list[str], zs: list[tuple[int, int]],
                    per_case: dict[str, list[dict]], path: Path, gap: int = 2) -> None:
     """The panels of compare_panel (one row image per case, tiles ``gap`` pixels apart) with what the paper's
@@ -163,8 +211,8 @@ def _titled_figure(rows: list[np.ndarray], columns: list[str], cases: list[str],
             side.set_visible(False)
         tile = (w - gap * (n - 1)) / n
         centres = [(tile + gap) * i + tile / 2 for i in range(n)]
-        for x, title in zip(centres, columns):
-            ax.text(x, -6, title, ha="center", va="bottom", fontsize=7.5, wrap=True)
+        for x, title in zip(centres, columns):  # wrapped to the tile: long run names would run into their neighbours
+            ax.text(x, -6, textwrap.fill(title, 24), ha="center", va="bottom", fontsize=7.5)
         ax.set_ylabel(f"{case}\nslice {z} of {depth} (0-based,\nthe most ground truth)", fontsize=7.5)
         for x, name in zip(centres[2:], per_case):
             dice = {d["class_name"]: 100 * float(d["dice"]) for d in per_case[name] if d["case"] == case}
@@ -181,7 +229,7 @@ def _titled_figure(rows: list[np.ndarray], columns: list[str], cases: list[str],
 
 
 def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CURVE_RUNS,
-         figure: str = FIGURE_RUNS, cases: str | None = None, tag: str = "") -> None:
+         figure: str = FIGURE_RUNS, cases: str | None = None, tag: str = "", confusion: str = "") -> None:
     """Args:
         runs: folder of run_experiment outputs (``<name>_log.txt``, ``_results.json``, ``_val_preds.npz``).
         out: the bundle's docs folder.
@@ -190,6 +238,8 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         cases: comma-separated saved volumes shown as rows (default: the first and the last volume the
             first figure run saved: patient019 and patient021, the case min-max scaling made hard).
         tag: appended to the two PNG names (``--tag _minmax`` for the previous recipe's runs).
+        confusion: comma-separated run names whose saved volumes' voxel confusion is printed (where each
+            run's errors go: ``confusion_table``).
     """
     runs_dir, out_dir = Path(runs), Path(out)
     (out_dir / "results").mkdir(parents=True, exist_ok=True)
@@ -240,21 +290,35 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     drawn = [n for n in _names(curve) if n in results]
     gpus = {results[n]["gpu"] for n in drawn}  # runs on different cards name theirs in the legend
+    # a validation below half of its run's best is a collapse (one such point, 0.00, would squeeze every curve
+    # into the top tenth of a 0-100 axis): the axis starts above it, and it is marked at the bottom and named
+    collapsed, colours = [], {}
     for name in drawn:
         r = results[name]
-        t = [row["time_s"] / 60 for row in r["val_history"]]
+        best = max((row["val_mean_dice"] for row in r["val_history"]), default=0.0)
+        keep = [row for row in r["val_history"] if row["val_mean_dice"] >= best / 2]
+        collapsed += [(name, row) for row in r["val_history"] if row["val_mean_dice"] < best / 2]
         label = NAMES.get(name, name) + (f" ({_card(r['gpu'])})" if len(gpus) > 1 else "")
-        ax.plot(t, [100 * row["val_mean_dice"] for row in r["val_history"]], marker=".", label=label)
+        line, = ax.plot([row["time_s"] / 60 for row in keep], [100 * row["val_mean_dice"] for row in keep],
+                        marker=".", label=label)
+        colours[name] = line.get_color()
     ax.axhline(90, color="gray", lw=0.8, ls="--")
     ax.set_xlabel("training wall-clock time (min)")
     ax.set_ylabel("validation mean Dice (%)")
     card = f", {gpus.pop()}" if len(gpus) == 1 else ""
     ax.set_title(f"ACDC val.list, 3D protocol{card} (one GPU per run)", fontsize=9)
     # from the decade below the lowest validation: the plateau and the 90 line stay readable
-    lowest = min((row["val_mean_dice"] for n in drawn for row in results[n]["val_history"]), default=0.0)
-    ax.set_ylim(10 * int(10 * lowest), 100)
+    lowest = min((row["val_mean_dice"] for n in drawn for row in results[n]["val_history"]
+                  if (n, row) not in collapsed), default=0.0)
+    floor = 10 * int(10 * lowest)
+    ax.set_ylim(floor, 100)
+    for name, row in collapsed:
+        ax.plot(row["time_s"] / 60, floor + 0.4, marker="v", color=colours[name], clip_on=False)
+        ax.annotate(f"{100 * row['val_mean_dice']:.2f} at {row['time_s'] / 60:.1f} min (off the axis)",
+                    (row["time_s"] / 60, floor + 0.4), xytext=(-6, 2), textcoords="offset points", ha="right", fontsize=7)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    # with a collapse marked at the bottom, the legend sits just above its note
+    ax.legend(fontsize=8, **({"loc": "lower right", "bbox_to_anchor": (1, 0.06)} if collapsed else {}))
     fig.tight_layout()
     fig.savefig(out_dir / f"acdc_val_curve{tag}.png")
 
@@ -278,6 +342,10 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         for p in panels:
             Path(p).unlink()
         print("qualitative columns: image, ground truth, " + ", ".join(NAMES.get(n, n) for n in order), "; cases", cases)
+    confused = {n: np.load(runs_dir / f"{n}_val_preds.npz") for n in _names(confusion)
+                if (runs_dir / f"{n}_val_preds.npz").exists()}
+    if confused:
+        print(confusion_table(confused, NAMES))
 
 
 if __name__ == "__main__":

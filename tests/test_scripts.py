@@ -120,3 +120,32 @@ def test_resolution_ceiling_is_exact_at_stride_1_only_with_nearest_exact():
     assert 0 < (shifted != label).sum() < 0.05 * label.size  # PyTorch's floor moves the ring's edges
     coarse = ceiling(label, 4, 4, mode="nearest-exact")
     assert (coarse != label).sum() > 0 and set(np.unique(coarse)) == {0, 2, 3}  # stride 4 blurs, keeps the ring
+
+
+def test_report_confusion_counts_where_each_error_goes():
+    report = _load_script("report_acdc")
+    label = np.array([[0, 2, 2, 3], [0, 2, 2, 1]])
+    pred = np.array([[2, 2, 0, 3], [0, 3, 2, 1]])
+    m = report.voxel_confusion(label, pred)
+    assert m.sum() == label.size and np.trace(m) == 5
+    assert m[0, 2] == 1 and m[2, 0] == 1 and m[2, 3] == 1  # bg->MYO, MYO->bg, MYO->LV
+    with pytest.raises(ValueError, match="shape"):
+        report.voxel_confusion(label, pred[:, :3])
+    with pytest.raises(ValueError, match="outside"):
+        report.voxel_confusion(label, pred + 1)
+    # two runs, each with its saved volumes; only the case both saved is counted
+    run_a = {"c1__label": label, "c1__pred": pred, "c2__label": label, "c2__pred": label}
+    run_b = {"c1__label": label, "c1__pred": label}
+    table = report.confusion_table({"a": _Npz(run_a), "b": _Npz(run_b)}, {"a": "run A"})
+    lines = table.splitlines()
+    assert lines[0] == "voxels over 1 volumes (c1)" and "| run A | b |" in lines[1]
+    assert "| MYO -> background | 1 | 0 |" in lines and "| background -> MYO | 1 | 0 |" in lines
+    assert "| MYO: predicted / true volume | 0.750 | 1.000 |" in lines  # 2 of the 4 MYO voxels and 1 background voxel
+
+
+class _Npz(dict):
+    """The mapping part of np.load's NpzFile that confusion_table reads."""
+
+    @property
+    def files(self):
+        return list(self)
