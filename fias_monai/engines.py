@@ -51,6 +51,9 @@ class GraphedSupervisedTrainer(SupervisedTrainer):
         cuda_graph: capture the step when possible; False gives exactly ``SupervisedTrainer``.
         warmup_iterations: eager iterations (on a side stream, as CUDA graph capture requires) before
             the capture; they initialise the optimizer state and let cuDNN choose its algorithms.
+        max_grad_norm: clip the gradients' total L2 norm to this value before each optimizer step
+            (``torch.nn.utils.clip_grad_norm_``, inside the graph too; with a GradScaler the gradients are
+            unscaled first); 0 or None: no clipping.
         **kwargs: as :class:`monai.engines.SupervisedTrainer`.
 
     Requirements for the graph (else the eager step runs, and the log says why): a CUDA device, no DDP
@@ -67,10 +70,19 @@ class GraphedSupervisedTrainer(SupervisedTrainer):
     iteration: handlers read them in the same iteration, as MONAI's handlers do.
     """
 
-    def __init__(self, *args: Any, cuda_graph: bool = True, warmup_iterations: int = 3, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, cuda_graph: bool = True, warmup_iterations: int = 3,
+                 max_grad_norm: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.cuda_graph = bool(cuda_graph)
         self.warmup_iterations = max(1, int(warmup_iterations))
+        self.max_grad_norm = float(max_grad_norm or 0.0)
+        if self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be positive, or 0 for no clipping (got {max_grad_norm})")
+        if self.max_grad_norm and self.accumulation_steps > 1:
+            # MONAI's step runs only every accumulation_steps iterations: clipping each partial sum would be wrong
+            raise ValueError("max_grad_norm with accumulation_steps > 1 is not supported")
+        if self.max_grad_norm:  # the eager step (MONAI's): between backward and the optimizer step
+            self.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self._clip_eager_gradients)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_key: tuple | None = None
         self._static: dict[str, Any] = {}
@@ -88,6 +100,17 @@ class GraphedSupervisedTrainer(SupervisedTrainer):
         else:
             logger.info("training step: eager (no CUDA graph: %s)", reason)
 
+    def _clip_gradients(self) -> None:
+        # no host sync (error_if_nonfinite stays False), foreach kernels on a GPU: capturable in the graph
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.max_grad_norm)
+
+    def _clip_eager_gradients(self, engine: SupervisedTrainer) -> None:
+        if self._use_graph:  # the graph step clips inside; its events fire after the optimizer step
+            return
+        if engine.amp and engine.scaler is not None:
+            engine.scaler.unscale_(engine.optimizer)  # clip the true gradients; scaler.step knows they are unscaled
+        self._clip_gradients()
+
     def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[Any, torch.Tensor]:
         """One eager training step in the graph-safe form (no GradScaler, no autocast weight cache)."""
         self.optimizer.zero_grad(set_to_none=True)
@@ -95,6 +118,8 @@ class GraphedSupervisedTrainer(SupervisedTrainer):
             pred = self.inferer(inputs, self.network)
             loss = self.loss_function(pred, targets).mean()
         loss.backward()
+        if self.max_grad_norm:
+            self._clip_gradients()
         self.optimizer.step()
         return pred, loss
 

@@ -49,6 +49,38 @@ def test_cpu_falls_back_to_the_eager_step_with_identical_updates():
         assert torch.equal(a, b)
 
 
+def _grad_norm(net):
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in net.parameters()])))
+
+
+def test_max_grad_norm_clips_the_eager_step_before_the_optimizer():
+    ref, _, _ = _train(SupervisedTrainer, torch.device("cpu"), epochs=1)
+    assert _grad_norm(ref) > 0.05  # the last iteration's gradients, left in place after its step
+    net, losses, trainer = _train(GraphedSupervisedTrainer, torch.device("cpu"), epochs=1, max_grad_norm=1e-3)
+    assert not trainer._use_graph
+    assert _grad_norm(net) == pytest.approx(1e-3, rel=1e-3)
+    # the clipped gradients are the ones stepped: SGD with lr 1 moves the weights by exactly them
+    net = _net()
+    before = [p.detach().clone() for p in net.parameters()]
+    trainer = GraphedSupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=_data(n=1),
+                                       network=net, optimizer=torch.optim.SGD(net.parameters(), lr=1.0),
+                                       loss_function=FeatureMixingLoss(), max_grad_norm=1e-3)
+    trainer.run()
+    moved = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, net.parameters())])
+    assert float(moved.norm()) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_max_grad_norm_refuses_what_it_cannot_do():
+    net = _net()
+    kwargs = dict(device=torch.device("cpu"), max_epochs=1, train_data_loader=_data(), network=net,
+                  optimizer=torch.optim.Adam(net.parameters()), loss_function=FeatureMixingLoss())
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        GraphedSupervisedTrainer(max_grad_norm=1.0, accumulation_steps=2, **kwargs)
+    with pytest.raises(ValueError, match="positive"):
+        GraphedSupervisedTrainer(max_grad_norm=-1.0, **kwargs)
+    assert GraphedSupervisedTrainer(max_grad_norm=None, **kwargs).max_grad_norm == 0.0
+
+
 def test_reasons_a_graph_cannot_hold_the_step():
     net = _net()
     kwargs = dict(max_epochs=1, train_data_loader=_data(), network=net, loss_function=FeatureMixingLoss())
@@ -94,3 +126,18 @@ def test_graph_replays_match_the_eager_trainer_on_gpu():
         assert torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-3), name
     # the step still learns: loss falls over the 12 iterations
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_step_clips_like_the_eager_step_on_gpu():
+    torch.backends.cudnn.deterministic = True
+    device = torch.device("cuda")
+    # eager (MONAI's step with a GradScaler under amp: unscaled, then clipped) against the captured step
+    ref, ref_losses, eager = _train(GraphedSupervisedTrainer, device, cuda_graph=False, max_grad_norm=1e-3)
+    net, losses, trainer = _train(GraphedSupervisedTrainer, device, warmup_iterations=2, max_grad_norm=1e-3)
+    assert eager._graph is None and trainer._graph is not None
+    assert _grad_norm(ref) == pytest.approx(1e-3, rel=1e-2)
+    assert _grad_norm(net) == pytest.approx(1e-3, rel=1e-2)  # the graph's gradient buffers, clipped in place
+    assert losses == pytest.approx(ref_losses, rel=2e-2)
+    unclipped, _, _ = _train(GraphedSupervisedTrainer, device, warmup_iterations=2)
+    assert _grad_norm(unclipped) > 0.05
