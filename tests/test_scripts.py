@@ -149,3 +149,11 @@ class _Npz(dict):
     @property
     def files(self):
         return list(self)
+
+
+def test_benchmark_grad_clip_runs_the_bundle_step_with_and_without_clipping(monkeypatch):
+    """Smoke test on CPU (eager step, tiny batch): the GPU timing itself is the script's job."""
+    monkeypatch.chdir(REPO)
+    bench = _load_script("benchmark_grad_clip")
+    medians = bench.main(max_grad_norms="0,1.0", batch=2, size=64, iters=1, repeats=1, device="cpu")
+    assert set(medians) == {0.0, 1.0} and all(r > 0 for r in medians.values())
