@@ -173,6 +173,8 @@ def confusion_table(preds: dict[str, dict], names: dict[str, str] | None = None)
     volume. ``preds``: run name -> its ``_val_preds.npz`` (``<case>__label`` / ``<case>__pred``)."""
     names = names or {}
     cases = sorted(set.intersection(*({k.split("__")[0] for k in p.files if k.endswith("__pred")} for p in preds.values())))
+    if not cases:
+        raise ValueError(f"the runs {', '.join(preds)} saved no validation volume in common")
     mats = {n: sum(voxel_confusion(p[f"{c}__label"], p[f"{c}__pred"]) for c in cases) for n, p in preds.items()}
     lines = [f"voxels over {len(cases)} volumes ({', '.join(cases)})",
              "| ground truth -> prediction | " + " | ".join(names.get(n, n) for n in mats) + " |",
@@ -292,12 +294,13 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     gpus = {results[n]["gpu"] for n in drawn}  # runs on different cards name theirs in the legend
     # a validation below half of its run's best is a collapse (one such point, 0.00, would squeeze every curve
     # into the top tenth of a 0-100 axis): the axis starts above it, and it is marked at the bottom and named
-    collapsed, colours = [], {}
+    collapsed, colours, kept = [], {}, []
     for name in drawn:
         r = results[name]
         best = max((row["val_mean_dice"] for row in r["val_history"]), default=0.0)
         keep = [row for row in r["val_history"] if row["val_mean_dice"] >= best / 2]
         collapsed += [(name, row) for row in r["val_history"] if row["val_mean_dice"] < best / 2]
+        kept += [row["val_mean_dice"] for row in keep]
         label = NAMES.get(name, name) + (f" ({_card(r['gpu'])})" if len(gpus) > 1 else "")
         line, = ax.plot([row["time_s"] / 60 for row in keep], [100 * row["val_mean_dice"] for row in keep],
                         marker=".", label=label)
@@ -307,10 +310,8 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     ax.set_ylabel("validation mean Dice (%)")
     card = f", {gpus.pop()}" if len(gpus) == 1 else ""
     ax.set_title(f"ACDC val.list, 3D protocol{card} (one GPU per run)", fontsize=9)
-    # from the decade below the lowest validation: the plateau and the 90 line stay readable
-    lowest = min((row["val_mean_dice"] for n in drawn for row in results[n]["val_history"]
-                  if (n, row) not in collapsed), default=0.0)
-    floor = 10 * int(10 * lowest)
+    # from the decade below the lowest drawn validation: the plateau and the 90 line stay readable
+    floor = 10 * int(10 * min(kept, default=0.0))
     ax.set_ylim(floor, 100)
     for name, row in collapsed:
         ax.plot(row["time_s"] / 60, floor + 0.4, marker="v", color=colours[name], clip_on=False)
