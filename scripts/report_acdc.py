@@ -204,7 +204,7 @@ def _titled_figure(rows: list[np.ndarray], columns: list[str], cases: list[str],
     widths = [r.shape[1] for r in rows]
     fig, axes = plt.subplots(len(rows), 1, figsize=(2.3 * n, 2.75 * len(rows)), dpi=120, squeeze=False,
                              gridspec_kw={"height_ratios": [r.shape[0] / w for r, w in zip(rows, widths)]})
-    classes = ("RV", "MYO", "LV")
+    classes = CLASSES[1:]  # the foreground classes
     for ax, row, w, case, (z, depth) in zip(axes[:, 0], rows, widths, cases, zs):
         ax.imshow(row)
         ax.set_xticks([])

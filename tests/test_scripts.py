@@ -140,9 +140,9 @@ def test_report_confusion_counts_where_each_error_goes():
     lines = table.splitlines()
     assert lines[0] == "voxels over 1 volumes (c1)" and "| run A | b |" in lines[1]
     assert "| MYO -> background | 1 | 0 |" in lines and "| background -> MYO | 1 | 0 |" in lines
-    assert "| MYO: predicted / true volume | 0.750 | 1.000 |" in lines
+    assert "| MYO: predicted / true volume | 0.750 | 1.000 |" in lines  # 2 of the 4 MYO voxels and 1 background voxel
     with pytest.raises(ValueError, match="no validation volume in common"):
-        report.confusion_table({"a": _Npz(run_a), "c": _Npz({"c3__label": label, "c3__pred": label})})  # 2 of the 4 MYO voxels and 1 background voxel
+        report.confusion_table({"a": _Npz(run_a), "c": _Npz({"c3__label": label, "c3__pred": label})})
 
 
 class _Npz(dict):
