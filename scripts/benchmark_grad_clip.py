@@ -20,19 +20,23 @@ from monai.bundle import ConfigParser
 
 from fias_monai.engines import GraphedSupervisedTrainer
 
+CONFIGS = ["bundle/configs/train.json", "bundle/configs/acdc.json"]
 
-def _trainer(parser: ConfigParser, batches: list[dict], max_grad_norm: float,
-             device: torch.device) -> GraphedSupervisedTrainer:
-    cuda = device.type == "cuda"
+
+def _trainer(batches: list[dict], max_grad_norm: float, device: str) -> GraphedSupervisedTrainer:
+    """train.json's trainer, built from the config's own network, optimizer, loss and precision entries (so the
+    step is the bundle's), on in-memory batches instead of the data loader and without the run's handlers."""
+    parser = ConfigParser()
+    parser.read_config(CONFIGS)
+    if device == "cpu":  # the config picks the GPU whenever there is one
+        parser.update({"device": "$torch.device('cpu')", "amp": False, "cuda_graph": False, "channels_last": False})
     torch.manual_seed(0)
-    net = parser.get_parsed_content("network_def", instantiate=True).to(device)
-    if cuda:
-        net = net.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(net.parameters(), lr=parser.get_parsed_content("learning_rate"),
-                           weight_decay=parser.get_parsed_content("weight_decay"), fused=cuda, capturable=cuda)
-    return GraphedSupervisedTrainer(device=device, max_epochs=1, train_data_loader=batches, network=net, optimizer=opt,
-                                    loss_function=parser.get_parsed_content("loss", instantiate=True), amp=cuda,
-                                    amp_kwargs={"dtype": torch.bfloat16}, max_grad_norm=max_grad_norm, decollate=False)
+    parts = {k: parser.get_parsed_content(k) for k in ("device", "network", "optimizer", "loss", "amp", "amp_kwargs",
+                                                          "cuda_graph")}
+    return GraphedSupervisedTrainer(device=parts["device"], max_epochs=1, train_data_loader=batches,
+                                    network=parts["network"], optimizer=parts["optimizer"], loss_function=parts["loss"],
+                                    amp=parts["amp"], amp_kwargs=parts["amp_kwargs"], cuda_graph=parts["cuda_graph"],
+                                    max_grad_norm=max_grad_norm, decollate=False)
 
 
 def main(max_grad_norms: str | tuple = "0,1.0", batch: int = 16, size: int = 256, iters: int = 40,
@@ -44,14 +48,14 @@ def main(max_grad_norms: str | tuple = "0,1.0", batch: int = 16, size: int = 256
     norms = [float(v) for v in (max_grad_norms if isinstance(max_grad_norms, (list, tuple))
                                 else str(max_grad_norms).split(","))]
     parser = ConfigParser()
-    parser.read_config(["bundle/configs/train.json", "bundle/configs/acdc.json"])
+    parser.read_config(CONFIGS)
     classes = parser.get_parsed_content("num_classes")
     g = torch.Generator().manual_seed(0)
     batches = [{"image": torch.rand(batch, 1, size, size, generator=g),
                 "label": torch.randint(0, classes, (batch, 1, size, size), generator=g)} for _ in range(4)]
     rates = {}
     for norm in norms:
-        trainer = _trainer(parser, batches, norm, dev)
+        trainer = _trainer(batches, norm, dev.type)
         for i in range(6):  # eager warm-up and the capture (the first also autotunes the Triton kernels)
             trainer._iteration(trainer, batches[i % len(batches)])
         if dev.type == "cuda":
