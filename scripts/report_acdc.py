@@ -22,6 +22,14 @@ import fire
 import numpy as np
 
 NAMES = {
+    "fias_m20_fr": "FIAS-tiny, 20 minutes, full-resolution head",
+    "fias_m20_fr_s1": "FIAS-tiny, 20 minutes, full-resolution head, seed 1",
+    "fias_m20_fr_clip": "FIAS-tiny, 20 minutes, full-resolution head, gradient clipping 1.0",
+    "swinunetr_m20_s1": "MONAI SwinUNETR-2D, 20-minute budget, seed 1",
+    "fias_m20_fr_last": "FIAS-tiny, 20 minutes, full-resolution head, final weights",
+    "fias_m20_fr_s1_last": "FIAS-tiny, 20 minutes, full-resolution head, seed 1, final weights",
+    "fias_m20_fr_clip_last": "FIAS-tiny, 20 minutes, full-resolution head, gradient clipping 1.0, final weights",
+    "swinunetr_m20_s1_last": "MONAI SwinUNETR-2D, 20-minute budget, seed 1, final weights",
     "fias_m20": "FIAS-tiny, 20-minute budget",
     "basicunet_m20": "MONAI BasicUNet, 20-minute budget",
     "fias_m20_s1": "FIAS-tiny, 20-minute budget, seed 1",
@@ -190,6 +198,31 @@ def confusion_table(preds: dict[str, dict], names: dict[str, str] | None = None)
     return "\n".join(lines)
 
 
+def per_volume_comparison(a: list[dict], b: list[dict]) -> dict[str, tuple[float, int, int]]:
+    """How run ``a`` does against run ``b`` volume by volume, from their ``per_case`` rows (one per volume and
+    class, ``dice`` in [0, 1]): for each class, and for the volume's mean over the classes, the mean
+    difference a - b in Dice points and on how many volumes a is better, out of how many.
+
+    Raises:
+        ValueError: the two runs were evaluated on different volumes or classes.
+    """
+    def table(rows):
+        t: dict[str, dict[str, float]] = {}
+        for row in rows:
+            t.setdefault(row["case"], {})[row["class_name"]] = 100 * float(row["dice"])
+        return t
+
+    ta, tb = table(a), table(b)
+    if set(ta) != set(tb) or any(set(ta[c]) != set(tb[c]) for c in ta):
+        raise ValueError("the two runs were evaluated on different volumes or classes")
+    if not ta:
+        raise ValueError("no per-volume rows to compare")
+    classes = [c for c in CLASSES[1:] if c in next(iter(ta.values()))]
+    diffs = {c: [ta[v][c] - tb[v][c] for v in ta] for c in classes}
+    diffs["mean"] = [np.mean([ta[v][c] for c in classes]) - np.mean([tb[v][c] for c in classes]) for v in ta]
+    return {c: (float(np.mean(d)), int(sum(x > 0 for x in d)), len(d)) for c, d in diffs.items()}
+
+
 def _titled_figure(rows: list[np.ndarray], columns: list[str], cases: list[str], zs: list[tuple[int, int]],
                    per_case: dict[str, list[dict]], path: Path, gap: int = 2) -> None:
     """The panels of compare_panel (one row image per case, tiles ``gap`` pixels apart) with what the paper's
@@ -231,7 +264,8 @@ def _titled_figure(rows: list[np.ndarray], columns: list[str], cases: list[str],
 
 
 def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CURVE_RUNS,
-         figure: str = FIGURE_RUNS, cases: str | None = None, tag: str = "", confusion: str = "") -> None:
+         figure: str = FIGURE_RUNS, cases: str | None = None, tag: str = "", confusion: str = "",
+         versus: str = "") -> None:
     """Args:
         runs: folder of run_experiment outputs (``<name>_log.txt``, ``_results.json``, ``_val_preds.npz``).
         out: the bundle's docs folder.
@@ -242,6 +276,9 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         tag: appended to the two PNG names (``--tag _minmax`` for the previous recipe's runs).
         confusion: comma-separated run names whose saved volumes' voxel confusion is printed (where each
             run's errors go: ``confusion_table``).
+        versus: comma-separated ``a:b`` pairs of runs compared volume by volume (``per_volume_comparison``).
+
+    Curve runs missing from ``runs`` are drawn from their JSONs in ``out``/results (earlier sessions' rows).
     """
     runs_dir, out_dir = Path(runs), Path(out)
     (out_dir / "results").mkdir(parents=True, exist_ok=True)
@@ -267,7 +304,8 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         epochs = re.findall(r"Epoch\[(\d+)\] Complete", log.split("$ ")[1] if "$ " in log else log)
         # the log may hold only an evaluation (a re-run after a cut-off call): the curve counts epochs too
         r["epochs_trained"] = max([int(e) for e in epochs] + [len(r["val_history"])]) or None
-        per_case[r["name"]] = r.pop("per_case", [])  # kept for the figure, not in the docs' JSON
+        # kept in the docs' JSON since session 13: per-volume comparisons with later sessions' rows need it
+        per_case[r["name"]] = r.get("per_case", [])
         results[r["name"]] = r
         (out_dir / "results" / f"{r['name']}.json").write_text(json.dumps(r, indent=1))
 
@@ -289,8 +327,11 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    earlier = {n: json.loads((out_dir / "results" / f"{n}.json").read_text()) for n in _names(curve)
+               if n not in results and (out_dir / "results" / f"{n}.json").exists()}
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    drawn = [n for n in _names(curve) if n in results]
+    drawn = [n for n in _names(curve) if n in results or n in earlier]
+    results = {**earlier, **results}
     gpus = {results[n]["gpu"] for n in drawn}  # runs on different cards name theirs in the legend
     # a validation below half of its run's best is a collapse (one such point, 0.00, would squeeze every curve
     # into the top tenth of a 0-100 axis): the axis starts above it, and it is marked at the bottom and named
@@ -347,6 +388,12 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
                 if (runs_dir / f"{n}_val_preds.npz").exists()}
     if confused:
         print(confusion_table(confused, NAMES))
+    for pair in _names(versus):
+        a, b = pair.split(":")
+        rows = [per_case.get(n) or results.get(n, {}).get("per_case", []) for n in (a, b)]
+        print(f"{a} against {b}, volume by volume:")
+        for c, (d, better, n) in per_volume_comparison(*rows).items():
+            print(f"  {c}: {d:+.2f} Dice points, better on {better} of {n} volumes")
 
 
 if __name__ == "__main__":

@@ -145,6 +145,24 @@ def test_report_confusion_counts_where_each_error_goes():
         report.confusion_table({"a": _Npz(run_a), "c": _Npz({"c3__label": label, "c3__pred": label})})
 
 
+def test_report_compares_two_runs_volume_by_volume():
+    report = _load_script("report_acdc")
+
+    def rows(dice):  # {case: (RV, MYO, LV)} -> per_case rows as run_experiment writes them (strings)
+        return [{"case": c, "class_name": k, "dice": str(v)} for c, ds in dice.items() for k, v in zip(("RV", "MYO", "LV"), ds)]
+
+    a = rows({"p1": (0.90, 0.80, 0.95), "p2": (0.70, 0.82, 0.95)})
+    b = rows({"p1": (0.80, 0.85, 0.95), "p2": (0.80, 0.80, 0.90)})
+    cmp = report.per_volume_comparison(a, b)
+    assert cmp["RV"][0] == pytest.approx(0.0) and cmp["RV"][1:] == (1, 2)  # +10 on p1, -10 on p2
+    assert cmp["MYO"][0] == pytest.approx(-1.5) and cmp["MYO"][1:] == (1, 2)  # -5, +2
+    assert cmp["LV"][0] == pytest.approx(2.5) and cmp["LV"][1:] == (1, 2)  # 0 (a tie is not "better"), +5
+    # each volume's mean over the three classes: p1 88.33 against 86.67, p2 82.33 against 83.33
+    assert cmp["mean"][0] == pytest.approx((5 / 3 - 1) / 2) and cmp["mean"][1:] == (1, 2)
+    with pytest.raises(ValueError, match="different volumes"):
+        report.per_volume_comparison(a, rows({"p1": (0.9, 0.9, 0.9)}))
+
+
 class _Npz(dict):
     """The mapping part of np.load's NpzFile that confusion_table reads."""
 
