@@ -198,6 +198,60 @@ def confusion_table(preds: dict[str, dict], names: dict[str, str] | None = None)
     return "\n".join(lines)
 
 
+def error_distances(label: np.ndarray, pred: np.ndarray, truth: int, predicted: int, ref: int) -> np.ndarray:
+    """How far each voxel of ground truth ``truth`` predicted as ``predicted`` lies from the ground truth's
+    class ``ref``: the in-plane distance in pixels to the nearest ``ref`` voxel of the same slice (slices along
+    the last axis, as the network sees them); ``inf`` on slices without ``ref``.
+
+    For background predicted as MYO with ``ref`` MYO, 1 is a voxel touching the true myocardium (a border
+    drawn one pixel too wide); for MYO predicted as background with ``ref`` background, it is the depth
+    into the myocardium.
+
+    Args:
+        label: integer label map (H, W, Z).
+        pred: integer prediction of the same shape.
+        truth, predicted, ref: class values.
+    """
+    from scipy import ndimage
+
+    if label.shape != pred.shape:
+        raise ValueError(f"label {label.shape} and prediction {pred.shape} differ in shape")
+    out = [np.zeros(0)]
+    for z in range(label.shape[-1]):
+        lab = label[..., z]
+        err = (lab == truth) & (pred[..., z] == predicted)
+        if err.any():
+            ref_mask = lab == ref
+            out.append(ndimage.distance_transform_edt(~ref_mask)[err] if ref_mask.any()
+                       else np.full(int(err.sum()), np.inf))
+    return np.concatenate(out)
+
+
+def border_table(preds: dict[str, dict], names: dict[str, str] | None = None) -> str:
+    """Markdown table of how far the myocardium's errors lie from the true border, summed over the volumes
+    every run saved (``error_distances``): background predicted as MYO by distance to the true MYO, and MYO
+    predicted as background by depth into it. ``preds``: run name -> its ``_val_preds.npz``."""
+    names = names or {}
+    cases = sorted(set.intersection(*({k.split("__")[0] for k in p.files if k.endswith("__pred")} for p in preds.values())))
+    if not cases:
+        raise ValueError(f"the runs {', '.join(preds)} saved no validation volume in common")
+    bg, myo = CLASSES.index("background"), CLASSES.index("MYO")
+    # the bins and the slices without the reference class add up to all the errors
+    bins = [("1 pixel", 0, 1.0), ("1-2 pixels", 1.0, 2.0), ("2-3 pixels", 2.0, 3.0), ("more than 3 pixels", 3.0, np.inf)]
+    lines = [f"voxels over {len(cases)} volumes; in-plane distance to the true border",
+             "| error | " + " | ".join(names.get(n, n) for n in preds) + " |", "|---|" + "---:|" * len(preds)]
+    for title, truth, predicted, ref in (("background -> MYO", bg, myo, myo), ("MYO -> background", myo, bg, bg)):
+        dist = {n: np.concatenate([error_distances(p[f"{c}__label"], p[f"{c}__pred"], truth, predicted, ref)
+                                   for c in cases]) for n, p in preds.items()}
+        lines.append(f"| {title}, all | " + " | ".join(str(d.size) for d in dist.values()) + " |")
+        for label, lo, hi in bins:
+            lines.append(f"| {title}, {label} | "
+                         + " | ".join(str(int(((d > lo) & (d <= hi) & np.isfinite(d)).sum())) for d in dist.values()) + " |")
+        lines.append(f"| {title}, on slices without {CLASSES[ref]} | "
+                     + " | ".join(str(int(np.isinf(d).sum())) for d in dist.values()) + " |")
+    return "\n".join(lines)
+
+
 def per_volume_comparison(a: list[dict], b: list[dict]) -> dict[str, tuple[float, int, int]]:
     """How run ``a`` does against run ``b`` volume by volume, from their ``per_case`` rows (one per volume and
     class, ``dice`` in [0, 1]): for each class, and for the volume's mean over the classes, the mean
@@ -265,7 +319,7 @@ def _titled_figure(rows: list[np.ndarray], columns: list[str], cases: list[str],
 
 def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CURVE_RUNS,
          figure: str = FIGURE_RUNS, cases: str | None = None, tag: str = "", confusion: str = "",
-         versus: str = "") -> None:
+         versus: str = "", border: str = "") -> None:
     """Args:
         runs: folder of run_experiment outputs (``<name>_log.txt``, ``_results.json``, ``_val_preds.npz``).
         out: the bundle's docs folder.
@@ -277,6 +331,8 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         confusion: comma-separated run names whose saved volumes' voxel confusion is printed (where each
             run's errors go: ``confusion_table``).
         versus: comma-separated ``a:b`` pairs of runs compared volume by volume (``per_volume_comparison``).
+        border: comma-separated run names whose myocardium errors are binned by distance to the true
+            border (``border_table``).
 
     Curve runs missing from ``runs`` are drawn from their JSONs in ``out``/results (earlier sessions' rows).
     """
@@ -388,6 +444,10 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
                 if (runs_dir / f"{n}_val_preds.npz").exists()}
     if confused:
         print(confusion_table(confused, NAMES))
+    bordered = {n: np.load(runs_dir / f"{n}_val_preds.npz") for n in _names(border)
+                if (runs_dir / f"{n}_val_preds.npz").exists()}
+    if bordered:
+        print(border_table(bordered, NAMES))
     for pair in _names(versus):
         a, b = pair.split(":")
         rows = [per_case.get(n) or results.get(n, {}).get("per_case", []) for n in (a, b)]

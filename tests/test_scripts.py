@@ -163,6 +163,28 @@ def test_report_compares_two_runs_volume_by_volume():
         report.per_volume_comparison(a, rows({"p1": (0.9, 0.9, 0.9)}))
 
 
+def test_report_bins_myocardium_errors_by_distance_to_the_true_border():
+    report = _load_script("report_acdc")
+    # one row of pixels per slice (H 1, W 9, Z 2): MYO at columns 3-5 on slice 0, none on slice 1
+    label = np.zeros((1, 9, 2), np.uint8)
+    label[0, 3:6, 0] = 2
+    pred = label.copy()
+    pred[0, [2, 8], 0] = 2  # background called MYO: touching the MYO (1 pixel) and 3 pixels beyond it
+    pred[0, [3, 4], 0] = 0  # MYO called background: at the border (depth 1) and at the centre (depth 2)
+    pred[0, 0, 1] = 2  # background called MYO on a slice without MYO
+    fp = report.error_distances(label, pred, truth=0, predicted=2, ref=2)
+    assert sorted(fp.tolist()) == [1.0, 3.0, np.inf]
+    fn = report.error_distances(label, pred, truth=2, predicted=0, ref=0)
+    assert sorted(fn.tolist()) == [1.0, 2.0]
+    lines = report.border_table({"a": _Npz({"c1__label": label, "c1__pred": pred})}).splitlines()
+    assert "| background -> MYO, all | 3 |" in lines and "| background -> MYO, 1 pixel | 1 |" in lines
+    assert "| background -> MYO, 2-3 pixels | 1 |" in lines and "| background -> MYO, on slices without MYO | 1 |" in lines
+    assert "| background -> MYO, more than 3 pixels | 0 |" in lines  # the slice without MYO is counted once
+    assert "| MYO -> background, 1 pixel | 1 |" in lines and "| MYO -> background, 1-2 pixels | 1 |" in lines
+    with pytest.raises(ValueError, match="shape"):
+        report.error_distances(label, pred[..., :1], 0, 2, 2)
+
+
 class _Npz(dict):
     """The mapping part of np.load's NpzFile that confusion_table reads."""
 
