@@ -159,6 +159,14 @@ def _names(value) -> list[str]:
 CLASSES = ("background", "RV", "MYO", "LV")  # acdc.json's label values 0-3
 
 
+def _common_cases(preds: dict[str, dict]) -> list[str]:
+    """The validation volumes whose predictions every run saved (``<case>__pred`` in each ``_val_preds.npz``)."""
+    cases = sorted(set.intersection(*({k.split("__")[0] for k in p.files if k.endswith("__pred")} for p in preds.values())))
+    if not cases:
+        raise ValueError(f"the runs {', '.join(preds)} saved no validation volume in common")
+    return cases
+
+
 def voxel_confusion(label: np.ndarray, pred: np.ndarray, num_classes: int = len(CLASSES)) -> np.ndarray:
     """Voxel counts of one volume: row = ground-truth class, column = predicted class.
 
@@ -180,9 +188,7 @@ def confusion_table(preds: dict[str, dict], names: dict[str, str] | None = None)
     (ground truth -> prediction) pair of different classes, in voxels, and each class's predicted / true
     volume. ``preds``: run name -> its ``_val_preds.npz`` (``<case>__label`` / ``<case>__pred``)."""
     names = names or {}
-    cases = sorted(set.intersection(*({k.split("__")[0] for k in p.files if k.endswith("__pred")} for p in preds.values())))
-    if not cases:
-        raise ValueError(f"the runs {', '.join(preds)} saved no validation volume in common")
+    cases = _common_cases(preds)
     mats = {n: sum(voxel_confusion(p[f"{c}__label"], p[f"{c}__pred"]) for c in cases) for n, p in preds.items()}
     lines = [f"voxels over {len(cases)} volumes ({', '.join(cases)})",
              "| ground truth -> prediction | " + " | ".join(names.get(n, n) for n in mats) + " |",
@@ -232,9 +238,7 @@ def border_table(preds: dict[str, dict], names: dict[str, str] | None = None) ->
     every run saved (``error_distances``): background predicted as MYO by distance to the true MYO, and MYO
     predicted as background by depth into it. ``preds``: run name -> its ``_val_preds.npz``."""
     names = names or {}
-    cases = sorted(set.intersection(*({k.split("__")[0] for k in p.files if k.endswith("__pred")} for p in preds.values())))
-    if not cases:
-        raise ValueError(f"the runs {', '.join(preds)} saved no validation volume in common")
+    cases = _common_cases(preds)
     bg, myo = CLASSES.index("background"), CLASSES.index("MYO")
     # the bins and the slices without the reference class add up to all the errors
     bins = [("1 pixel", 0, 1.0), ("1-2 pixels", 1.0, 2.0), ("2-3 pixels", 2.0, 3.0), ("more than 3 pixels", 3.0, np.inf)]
