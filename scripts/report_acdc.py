@@ -233,6 +233,24 @@ def error_distances(label: np.ndarray, pred: np.ndarray, truth: int, predicted: 
     return np.concatenate(out)
 
 
+def centroid_offset(volumes: list[tuple[np.ndarray, np.ndarray]], cls: int, min_pixels: int = 20) -> tuple[float, float, int]:
+    """Whether predictions are shifted: the mean in-plane offset (rows, columns; pixels) of the predicted class
+    ``cls``'s centroid from the true one, over every slice (last axis) of the ``(label, pred)`` volumes where
+    both have at least ``min_pixels`` pixels, weighted by the true area; and how many slices that is. A border
+    drawn too wide all round moves the centroid by nothing, a shifted prediction by the shift."""
+    offsets, weights = [], []
+    for label, pred in volumes:
+        for z in range(label.shape[-1]):
+            true, predicted = label[..., z] == cls, pred[..., z] == cls
+            if true.sum() >= min_pixels and predicted.sum() >= min_pixels:
+                offsets.append(np.argwhere(predicted).mean(0) - np.argwhere(true).mean(0))
+                weights.append(true.sum())
+    if not offsets:
+        return 0.0, 0.0, 0
+    dy, dx = np.average(np.array(offsets), axis=0, weights=weights)
+    return float(dy), float(dx), len(offsets)
+
+
 def border_table(preds: dict[str, dict], names: dict[str, str] | None = None) -> str:
     """Markdown table of how far the myocardium's errors lie from the true border, summed over the volumes
     every run saved (``error_distances``): background predicted as MYO by distance to the true MYO, and MYO
@@ -253,6 +271,9 @@ def border_table(preds: dict[str, dict], names: dict[str, str] | None = None) ->
                          + " | ".join(str(int(((d > lo) & (d <= hi) & np.isfinite(d)).sum())) for d in dist.values()) + " |")
         lines.append(f"| {title}, on slices without {CLASSES[ref]} | "
                      + " | ".join(str(int(np.isinf(d).sum())) for d in dist.values()) + " |")
+    offsets = {n: centroid_offset([(p[f"{c}__label"], p[f"{c}__pred"]) for c in cases], myo) for n, p in preds.items()}
+    lines.append("| MYO centroid offset, rows / columns (pixels) | "
+                 + " | ".join(f"{dy:+.2f} / {dx:+.2f}" for dy, dx, _ in offsets.values()) + " |")
     return "\n".join(lines)
 
 

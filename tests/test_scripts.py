@@ -185,6 +185,23 @@ def test_report_bins_myocardium_errors_by_distance_to_the_true_border():
         report.error_distances(label, pred[..., :1], 0, 2, 2)
 
 
+def test_report_centroid_offset_tells_a_shift_from_a_wider_border():
+    report = _load_script("report_acdc")
+    label = np.zeros((16, 16, 2), np.uint8)
+    label[4:10, 4:10] = 2  # a 6x6 square on both slices
+    shifted = np.roll(label, 1, axis=0)  # one row down
+    wider = label.copy()
+    wider[3:11, 3:11] = 2  # one pixel wider all round
+    dy, dx, n = report.centroid_offset([(label, shifted)], cls=2)
+    assert (dy, dx, n) == (pytest.approx(1.0), pytest.approx(0.0), 2)
+    dy, dx, n = report.centroid_offset([(label, wider), (label, label)], cls=2)
+    assert (dy, dx, n) == (pytest.approx(0.0), pytest.approx(0.0), 4)
+    assert report.centroid_offset([(label, np.zeros_like(label))], cls=2) == (0.0, 0.0, 0)
+    row = [line for line in report.border_table({"a": _Npz({"c1__label": label, "c1__pred": shifted})}).splitlines()
+           if line.startswith("| MYO centroid offset")]
+    assert row == ["| MYO centroid offset, rows / columns (pixels) | +1.00 / +0.00 |"]
+
+
 class _Npz(dict):
     """The mapping part of np.load's NpzFile that confusion_table reads."""
 
