@@ -262,16 +262,17 @@ def border_table(preds: dict[str, dict], names: dict[str, str] | None = None) ->
     bins = [("1 pixel", 0, 1.0), ("1-2 pixels", 1.0, 2.0), ("2-3 pixels", 2.0, 3.0), ("more than 3 pixels", 3.0, np.inf)]
     lines = [f"voxels over {len(cases)} volumes; in-plane distance to the true border",
              "| error | " + " | ".join(names.get(n, n) for n in preds) + " |", "|---|" + "---:|" * len(preds)]
+    volumes = {n: [(p[f"{c}__label"], p[f"{c}__pred"]) for c in cases] for n, p in preds.items()}  # read once
     for title, truth, predicted, ref in (("background -> MYO", bg, myo, myo), ("MYO -> background", myo, bg, bg)):
-        dist = {n: np.concatenate([error_distances(p[f"{c}__label"], p[f"{c}__pred"], truth, predicted, ref)
-                                   for c in cases]) for n, p in preds.items()}
+        dist = {n: np.concatenate([error_distances(label, pred, truth, predicted, ref) for label, pred in vols])
+                for n, vols in volumes.items()}
         lines.append(f"| {title}, all | " + " | ".join(str(d.size) for d in dist.values()) + " |")
         for label, lo, hi in bins:
             lines.append(f"| {title}, {label} | "
                          + " | ".join(str(int(((d > lo) & (d <= hi) & np.isfinite(d)).sum())) for d in dist.values()) + " |")
         lines.append(f"| {title}, on slices without {CLASSES[ref]} | "
                      + " | ".join(str(int(np.isinf(d).sum())) for d in dist.values()) + " |")
-    offsets = {n: centroid_offset([(p[f"{c}__label"], p[f"{c}__pred"]) for c in cases], myo) for n, p in preds.items()}
+    offsets = {n: centroid_offset(vols, myo) for n, vols in volumes.items()}
     lines.append("| MYO centroid offset, rows / columns (pixels) | "
                  + " | ".join(f"{dy:+.2f} / {dx:+.2f}" for dy, dx, _ in offsets.values()) + " |")
     return "\n".join(lines)
@@ -363,7 +364,7 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     """
     runs_dir, out_dir = Path(runs), Path(out)
     (out_dir / "results").mkdir(parents=True, exist_ok=True)
-    results, per_case = {}, {}
+    results = {}
     logged = {p.name[: -len("_log.txt")] for p in runs_dir.glob("*_log.txt")}
     # a row evaluated again with other settings (run_experiment --eval_tag) shares its training's log
     retagged = {p.name[: -len("_results.json")] for p in runs_dir.glob("*_results.json")} - logged
@@ -385,8 +386,7 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         epochs = re.findall(r"Epoch\[(\d+)\] Complete", log.split("$ ")[1] if "$ " in log else log)
         # the log may hold only an evaluation (a re-run after a cut-off call): the curve counts epochs too
         r["epochs_trained"] = max([int(e) for e in epochs] + [len(r["val_history"])]) or None
-        # kept in the docs' JSON since session 13: per-volume comparisons with later sessions' rows need it
-        per_case[r["name"]] = r.get("per_case", [])
+        # r keeps per_case in the docs' JSON since session 13: per-volume comparisons with later rows need it
         results[r["name"]] = r
         (out_dir / "results" / f"{r['name']}.json").write_text(json.dumps(r, indent=1))
 
@@ -445,12 +445,14 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     fig.tight_layout()
     fig.savefig(out_dir / f"acdc_val_curve{tag}.png")
 
-    order = [n for n in _names(figure) if (runs_dir / f"{n}_val_preds.npz").exists()]
-    preds = {name: np.load(runs_dir / f"{name}_val_preds.npz") for name in order}
+    # each run's saved predictions opened once, for the figure, the confusion and the border tables alike
+    saved_preds = {n: np.load(runs_dir / f"{n}_val_preds.npz") for n in {*_names(figure), *_names(confusion), *_names(border)}
+                   if (runs_dir / f"{n}_val_preds.npz").exists()}
+    order = [n for n in _names(figure) if n in saved_preds]
     if order:
         from fias_monai.visualize import compare_panel
 
-        ref = preds[order[0]]
+        ref = saved_preds[order[0]]
         saved = sorted({k.split("__")[0] for k in ref.files})
         cases = _names(cases) if cases else sorted({saved[0], saved[-1]})
         panels, zs = [], []
@@ -458,24 +460,23 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
             image, label = ref[f"{case}__image"], ref[f"{case}__label"]
             z = int(np.argmax((label > 0).sum(axis=(0, 1))))
             zs.append((z, label.shape[-1]))
-            panels.append(compare_panel(image, label, {NAMES.get(n, n): preds[n][f"{case}__pred"] for n in order},
+            panels.append(compare_panel(image, label, {NAMES.get(n, n): saved_preds[n][f"{case}__pred"] for n in order},
                                         out_dir / f".panel_{case}.png", slices=[z]))
         _titled_figure([plt.imread(p) for p in panels], ["image", "ground truth", *(NAMES.get(n, n) for n in order)],
-                       cases, zs, {n: per_case.get(n, []) for n in order}, out_dir / f"acdc_qualitative{tag}.png")
+                       cases, zs, {n: results.get(n, {}).get("per_case", []) for n in order},
+                       out_dir / f"acdc_qualitative{tag}.png")
         for p in panels:
             Path(p).unlink()
         print("qualitative columns: image, ground truth, " + ", ".join(NAMES.get(n, n) for n in order), "; cases", cases)
-    confused = {n: np.load(runs_dir / f"{n}_val_preds.npz") for n in _names(confusion)
-                if (runs_dir / f"{n}_val_preds.npz").exists()}
+    confused = {n: saved_preds[n] for n in _names(confusion) if n in saved_preds}
     if confused:
         print(confusion_table(confused, NAMES))
-    bordered = {n: np.load(runs_dir / f"{n}_val_preds.npz") for n in _names(border)
-                if (runs_dir / f"{n}_val_preds.npz").exists()}
+    bordered = {n: saved_preds[n] for n in _names(border) if n in saved_preds}
     if bordered:
         print(border_table(bordered, NAMES))
     for pair in _names(versus):
         a, b = pair.split(":")
-        rows = [per_case.get(n) or results.get(n, {}).get("per_case", []) for n in (a, b)]
+        rows = [results.get(n, {}).get("per_case", []) for n in (a, b)]
         print(f"{a} against {b}, volume by volume:")
         for c, (d, better, n) in per_volume_comparison(*rows).items():
             print(f"  {c}: {d:+.2f} Dice points, better on {better} of {n} volumes")
