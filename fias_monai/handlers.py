@@ -21,7 +21,7 @@ from .utils import atomic_path
 
 __all__ = ["atomic_torch_save", "LastCheckpointHandler", "BestModelSaver", "ProgressBarHandler", "TimeBudgetHandler",
            "MetricHistoryHandler", "OverlayHandler", "ThroughputHandler", "PeriodicValidationHandler",
-           "TerminateOnNanHandler", "ReleaseLoaderWorkersHandler"]
+           "TerminateOnNanHandler", "ReleaseLoaderWorkersHandler", "WeightAverageHandler"]
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +163,67 @@ class LastCheckpointHandler:
         engine.state.epoch = state["trainer"]["epoch"]
         engine.state.iteration = state["trainer"]["iteration"]
         logger.info("resumed from %s at epoch %d", self.path, engine.state.epoch)
+
+
+class WeightAverageHandler:
+    """An exponential moving average (EMA) of the network's weights, updated after every training
+    iteration, for validation and for the saved best model.
+
+    The average is timm's ``ModelEmaV3`` (parameters and buffers, foreach kernels on the network's
+    device). Its decay warms up as ``min(decay, (n - 1) / n)`` after iteration ``n`` (1-based): up to
+    iteration ``1 / (1 - decay)`` the average is the plain mean of the weights after each step so far
+    (no pull towards the random initialisation, which a fixed decay keeps for a whole horizon), then
+    the exponential average.
+
+    With ``decay`` 0 the handler does nothing and :attr:`averaged` is the network itself, so the bundle
+    wires validation and :class:`BestModelSaver` to :attr:`averaged` either way.
+
+    Args:
+        network: the trained network (a DDP wrapper is unwrapped: every rank holds the same weights,
+            so every rank's average is the same).
+        decay: the per-iteration decay in [0, 1), e.g. 0.999 (a horizon of about 1,000 iterations);
+            0 switches the average off.
+
+    Attach it before the handlers that wait for the step's result (the NaN check reads the loss): its
+    update is queued on the GPU behind the training step, and the host work of queuing it then overlaps
+    the step instead of following it.
+    """
+
+    def __init__(self, network: torch.nn.Module, decay: float = 0.0) -> None:
+        decay = float(decay or 0.0)
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"the weight-average decay must be in [0, 1), 0 for none (got {decay})")
+        self.decay = decay
+        self.network = getattr(network, "module", network)
+        self.ema = None
+        if decay:
+            from timm.utils import ModelEmaV3
+
+            # warmup_gamma 1, power 1: timm's decay at step n is 1 - 1 / n = (n - 1) / n, capped at decay
+            self.ema = ModelEmaV3(self.network, decay=decay, use_warmup=True, warmup_gamma=1.0, warmup_power=1.0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.ema is not None
+
+    @property
+    def averaged(self) -> torch.nn.Module:
+        """The averaged network (in eval mode), or the trained network itself when the average is off."""
+        return self.ema.module if self.ema is not None else self.network
+
+    def attach(self, engine: Engine) -> None:
+        if self.ema is not None:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        # ignite's iteration is 1-based: decay 0 at the first (the average becomes those weights), then (n - 1) / n
+        self.ema.update(self.network, step=engine.state.iteration)
+
+    def state_dict(self) -> dict:
+        return self.averaged.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.averaged.load_state_dict(state)
 
 
 class ProgressBarHandler:

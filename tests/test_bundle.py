@@ -286,6 +286,43 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor(tmp_path):
     assert scheduler.get_last_lr()[0] == pytest.approx(1e-5)  # ends at lr * min_lr_ratio
 
 
+@pytest.mark.parametrize("decay", [0, 0.5])
+def test_ema_decay_wires_validation_and_the_saved_model_to_the_weight_average(tmp_path, restore_logging, decay):
+    from monai.bundle import ConfigParser, ConfigWorkflow
+
+    make_demo_dataset(tmp_path / "demo", num_train=2, num_val=1, shape=(64, 64, 4))
+    overrides = {**TINY, "dataset_dir": str(tmp_path / "demo"), "bundle_root": str(tmp_path / "bundle"),
+                 "batch_size": 2, "epochs": 1, "num_workers": 0, "cache_workers": 1, "learning_rate": 1e-2,
+                 "ema_decay": decay, "device": "$torch.device('cpu')", "cuda_graph": False}
+    wf = ConfigWorkflow(config_file=str(TRAIN), meta_file=str(META), logging_file=False, workflow_type="train",
+                        **overrides)
+    wf.initialize()
+    network, averaged = wf.parser.get_parsed_content("network"), wf.parser.get_parsed_content("eval_network")
+    assert wf.parser.get_parsed_content("validate#evaluator").network is averaged
+    assert (averaged is network) == (decay == 0)
+    wf.run()
+    wf.finalize()
+    models = tmp_path / "bundle" / "models"
+    best = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
+    last = torch.load(models / "last.pt", map_location="cpu", weights_only=False)
+    # models/model.pt is what validation scored: the average with ema_decay, else the trained weights
+    for key, value in averaged.state_dict().items():
+        assert torch.equal(best[key], value), key
+    assert ("ema" in last) == (decay > 0)
+    trained_differs = any(not torch.equal(v, network.state_dict()[k]) for k, v in best.items() if v.is_floating_point())
+    assert trained_differs == (decay > 0)  # 4 steps at lr 1e-2: the average trails the trained weights
+    if decay:
+        assert all(torch.equal(last["ema"][k], v) for k, v in best.items())
+        assert all(torch.equal(last["model"][k], v) for k, v in network.state_dict().items())
+    # evaluation loads models/model.pt into the network it runs, with or without ema_decay in the overrides
+    parser = ConfigParser()
+    parser.read_config([str(TRAIN), str(EVALUATE)])
+    parser.update(overrides)
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    loader = parser.get_parsed_content("validate#handlers")[0]
+    assert evaluator.network is parser.get_parsed_content("network") is loader.load_dict["model"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # MONAI bundle tooling, in-process (fast)
 

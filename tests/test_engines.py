@@ -7,7 +7,7 @@ from monai.engines import SupervisedTrainer
 from monai.handlers import LrScheduleHandler
 
 from fias_monai.engines import GraphedSupervisedTrainer, graph_unsupported_reason
-from fias_monai.handlers import TimeBudgetHandler
+from fias_monai.handlers import TimeBudgetHandler, WeightAverageHandler
 from fias_monai.losses import FeatureMixingLoss
 
 
@@ -23,11 +23,11 @@ def _data(n=6, batch=2, size=16, seed=1):
              "label": torch.randint(0, 3, (batch, 1, size, size), generator=g)} for _ in range(n)]
 
 
-def _train(cls, device, epochs=2, schedule=False, **kwargs):
+def _train(cls, device, epochs=2, schedule=False, handlers=(), **kwargs):
     net = _net().to(device)
     cuda = device.type == "cuda"
     opt = torch.optim.Adam(net.parameters(), lr=1e-2, fused=cuda, capturable=cuda)
-    handlers = []
+    handlers = [h(net) for h in handlers]
     if schedule:
         handlers.append(LrScheduleHandler(torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
                                           epoch_level=False, print_lr=False))
@@ -141,3 +141,30 @@ def test_graph_step_clips_like_the_eager_step_on_gpu():
     assert losses == pytest.approx(ref_losses, rel=2e-2)
     unclipped, _, _ = _train(GraphedSupervisedTrainer, device, warmup_iterations=2)
     assert _grad_norm(unclipped) > 0.05
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_weight_average_reads_the_graph_steps_weights_on_gpu():
+    # the replayed step updates the weights in place; the average (queued after it) must see every step's
+    # weights: with a horizon longer than the run it is their plain mean
+    device = torch.device("cuda")
+    made, after_step = [], []
+
+    def average(net):
+        made.append(WeightAverageHandler(net, decay=0.99))
+        return made[0]
+
+    def record(net):
+        class Record:
+            def attach(self, engine):
+                engine.add_event_handler(Events.ITERATION_COMPLETED,
+                                         lambda e: after_step.append([t.detach().clone() for t in net.state_dict().values()]))
+        return Record()
+
+    net, losses, trainer = _train(GraphedSupervisedTrainer, device, warmup_iterations=2, handlers=(average, record))
+    assert trainer._graph is not None and len(after_step) == 12
+    for i, (key, value) in enumerate(made[0].averaged.state_dict().items()):
+        if value.is_floating_point():
+            expected = torch.stack([w[i].float() for w in after_step]).mean(0)
+            assert torch.allclose(value.float(), expected, atol=1e-5), key
+    assert not torch.equal(made[0].averaged[0].weight, net[0].weight)

@@ -12,6 +12,7 @@ from fias_monai.handlers import (
     PeriodicValidationHandler,
     ThroughputHandler,
     TimeBudgetHandler,
+    WeightAverageHandler,
     atomic_torch_save,
 )
 
@@ -264,3 +265,49 @@ def test_release_loader_workers_handler_stops_persistent_workers_when_training_c
     assert data._iterator is None
     engine.run(data, max_epochs=3)
     assert engine.state.epoch == 3
+
+
+def _weights_set_to_the_iteration(net):
+    def step(engine, batch):
+        with torch.no_grad():
+            net.weight.fill_(float(engine.state.iteration))
+    return Engine(step)
+
+
+def test_weight_average_is_the_running_mean_then_the_exponential_average():
+    net = torch.nn.Linear(1, 1, bias=False)
+    wrapped = torch.nn.Module()
+    wrapped.module = net  # as DistributedDataParallel holds it: the handler averages the inner network
+    avg = WeightAverageHandler(wrapped, decay=0.75)  # 1 / (1 - 0.75) = 4 iterations of plain mean
+    assert avg.enabled and avg.averaged is not net and not avg.averaged.training
+    trainer = _weights_set_to_the_iteration(net)
+    avg.attach(trainer)
+    seen = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(avg.averaged.weight.item()))
+    trainer.run(range(6), max_epochs=1)
+    # weights 1..6 after the steps: means of 1..n up to n = 4, then ema = 0.75 ema + 0.25 w
+    assert seen[:4] == pytest.approx([1.0, 1.5, 2.0, 2.5])
+    assert seen[4] == pytest.approx(0.75 * 2.5 + 0.25 * 5)
+    assert seen[5] == pytest.approx(0.75 * seen[4] + 0.25 * 6)
+    assert net.weight.item() == 6.0  # the trained weights are left alone
+    # the checkpoint entry is the averaged network's state, and restores it
+    restored = WeightAverageHandler(torch.nn.Linear(1, 1, bias=False), decay=0.75)
+    restored.load_state_dict(avg.state_dict())
+    assert restored.averaged.weight.item() == pytest.approx(seen[5])
+
+
+def test_weight_average_off_is_the_network_itself():
+    net = torch.nn.Linear(1, 1, bias=False)
+    avg = WeightAverageHandler(net, decay=0)
+    assert not avg.enabled and avg.averaged is net
+    trainer = _weights_set_to_the_iteration(net)
+    avg.attach(trainer)
+    assert not trainer.has_event_handler(avg, Events.ITERATION_COMPLETED)
+    trainer.run(range(2), max_epochs=1)
+    assert avg.averaged.weight.item() == 2.0
+
+
+@pytest.mark.parametrize("decay", [1.0, 1.5, -0.1])
+def test_weight_average_refuses_a_decay_outside_0_1(decay):
+    with pytest.raises(ValueError, match="decay must be in"):
+        WeightAverageHandler(torch.nn.Linear(1, 1), decay=decay)
