@@ -307,6 +307,16 @@ def test_weight_average_off_is_the_network_itself():
     assert avg.averaged.weight.item() == 2.0
 
 
+def test_weight_average_copies_integer_buffers_and_averages_float_ones():
+    net = torch.nn.BatchNorm1d(1)
+    avg = WeightAverageHandler(net, decay=0.5)
+    trainer = Engine(lambda e, b: net.train()(torch.full((4, 1), float(e.state.iteration)) * torch.arange(4.0)[:, None]))
+    avg.attach(trainer)
+    trainer.run(range(3), max_epochs=1)
+    assert int(avg.averaged.num_batches_tracked) == int(net.num_batches_tracked) == 3
+    assert 0 < avg.averaged.running_var.item() < net.running_var.item()  # trails the growing variance
+
+
 @pytest.mark.parametrize("decay", [1.0, 1.5, -0.1])
 def test_weight_average_refuses_a_decay_outside_0_1(decay):
     with pytest.raises(ValueError, match="decay must be in"):

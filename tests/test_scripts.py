@@ -216,3 +216,13 @@ def test_benchmark_grad_clip_runs_the_bundle_step_with_and_without_clipping(monk
     bench = _load_script("benchmark_grad_clip")
     medians = bench.main(max_grad_norms="0,1.0", batch=2, size=64, iters=1, repeats=1, device="cpu")
     assert set(medians) == {0.0, 1.0} and all(r > 0 for r in medians.values())
+
+
+def test_benchmark_weight_average_runs_each_variant(monkeypatch):
+    """Smoke test on CPU (eager step, tiny batch): the GPU timing itself is the script's job."""
+    monkeypatch.chdir(REPO)
+    bench = _load_script("benchmark_weight_average")
+    medians = bench.main(variants="off,timm,cached", batch=2, size=64, iters=1, repeats=1, device="cpu")
+    assert list(medians) == ["off", "timm", "cached"] and all(r > 0 for r in medians.values())
+    with pytest.raises(SystemExit, match="unknown variant"):
+        bench.main(variants="off,swa", device="cpu")

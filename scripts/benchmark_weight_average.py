@@ -1,0 +1,111 @@
+"""What the weight average (``ema_decay``) costs the bundle's training step: images/s of
+``GraphedSupervisedTrainer`` (the captured step of ``train.json`` + ``acdc.json``: FIAS-tiny, batch 16,
+256x256, bf16, channels_last, fused Adam, the feature-mixing loss) in ONE process, for
+
+- ``off``: no average (the reference of the ratios);
+- ``timm``: timm's ``ModelEmaV3.update`` after every step (what commit 2fbdfc8 shipped; it rebuilds both
+  state dicts at each update);
+- ``cached``: the bundle's :class:`fias_monai.handlers.WeightAverageHandler` (one foreach lerp over lists
+  gathered once).
+
+Each iteration ends as the bundle's does: the update is queued, then the loss is read on the host (the NaN
+check, ``TerminateOnNanHandler``), so host time spent on the update shows when the step is host-bound.
+
+    python scripts/benchmark_weight_average.py --variants off,timm,cached
+
+Not yet run on a GPU. The one GPU measurement so far is a whole ACDC training (bundle/docs/README.md,
+session 14): with the ``timm`` update one H100 trained at 389 images/s (median over 88 epochs), against
+525 for the same recipe without an average on the same kind of machine in session 10.
+``--device cpu`` runs the eager step (a smoke test, not a timing).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import time
+from pathlib import Path
+
+import fire
+import torch
+from monai.bundle import ConfigParser
+
+from fias_monai.handlers import WeightAverageHandler
+
+VARIANTS = ("off", "timm", "cached")
+
+
+def _grad_clip_benchmark():
+    # the trainer is built exactly as in benchmark_grad_clip.py (the config's own network, optimizer, loss)
+    spec = importlib.util.spec_from_file_location("benchmark_grad_clip", Path(__file__).with_name("benchmark_grad_clip.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _updater(variant: str, trainer, decay: float):
+    """A callable run after each iteration (the engine's ITERATION_COMPLETED), or None for ``off``."""
+    if variant == "off":
+        return None
+    if variant == "timm":
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(trainer.network, decay=decay, use_warmup=True, warmup_gamma=1.0, warmup_power=1.0)
+        return lambda engine: ema.update(trainer.network, step=engine.state.iteration)
+    if variant == "cached":
+        return WeightAverageHandler(trainer.network, decay=decay)
+    raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+
+
+def main(variants: str | tuple = "off,timm,cached", decay: float = 0.999, batch: int = 16, size: int = 256,
+         iters: int = 40, repeats: int = 3, device: str = "cuda") -> dict[str, float]:
+    """Prints and returns the median images/s per variant."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmark_weight_average.py times the CUDA-graph step: it needs a GPU (or --device cpu)")
+    names = list(variants) if isinstance(variants, (list, tuple)) else str(variants).split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {VARIANTS}")
+    bench = _grad_clip_benchmark()
+    parser = ConfigParser()
+    parser.read_config(bench.CONFIGS)
+    classes = parser.get_parsed_content("num_classes")
+    g = torch.Generator().manual_seed(0)
+    batches = [{"image": torch.rand(batch, 1, size, size, generator=g),
+                "label": torch.randint(0, classes, (batch, 1, size, size), generator=g)} for _ in range(4)]
+    rates: dict[str, list[float]] = {}
+    for name in names:
+        trainer = bench._trainer(batches, 0.0, dev.type)
+        update = _updater(name, trainer, decay)
+
+        def step(i: int) -> None:
+            trainer.state.iteration += 1  # as the engine counts it (the update's warm-up reads it)
+            output = trainer._iteration(trainer, batches[i % len(batches)])
+            if update is not None:
+                update(trainer)
+            float(output["loss"])  # the NaN check's read: the host waits for the step here
+
+        for i in range(6):  # eager warm-up and the capture (the first also autotunes the Triton kernels)
+            step(i)
+        if dev.type == "cuda":
+            assert trainer._graph is not None, "the step was not captured"
+            torch.cuda.synchronize()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for i in range(iters):
+                step(i)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            rates.setdefault(name, []).append(batch * iters / (time.perf_counter() - start))
+        print(f"{name}: {[round(r, 1) for r in rates[name]]} images/s", flush=True)
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    print(f"{card}, batch {batch}, {size}x{size}, decay {decay}:")
+    for name, med in medians.items():
+        print(f"  {name}: median {med:.1f} images/s, ratio {med / medians[names[0]]:.3f} against {names[0]}")
+    return medians
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
