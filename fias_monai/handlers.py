@@ -170,10 +170,15 @@ class WeightAverageHandler:
     """An exponential moving average (EMA) of the network's weights, updated after every training
     iteration, for validation and for the saved best model.
 
-    The average covers parameters and floating-point buffers (integer buffers are copied). Its decay warms
-    up as ``min(decay, (n - 1) / n)`` after iteration ``n`` (1-based): up to iteration ``1 / (1 - decay)``
-    the average is the plain mean of the weights after each step so far (no pull towards the random
-    initialisation, which a fixed decay keeps for a whole horizon), then the exponential average.
+    The average covers parameters and floating-point buffers (integer buffers are copied). After iteration
+    ``n`` (1-based) it moves by the weight ``max(1 - decay, n ** -warmup_power)`` towards the network's
+    weights: the first iteration copies them (no pull towards the random initialisation, which a fixed
+    decay keeps for a whole horizon), and the horizon then grows with ``n`` until it reaches
+    ``1 / (1 - decay)`` iterations (timm's EMA warm-up, ``warmup_gamma`` 1). ``warmup_power`` 1 averages all
+    weights so far (the plain mean up to iteration ``1 / (1 - decay)``); on ACDC that average trailed far
+    behind the training early on (validation mean Dice 12.6 after 5 epochs, against 74.2 without it;
+    session 14), so the default is 3/4, timm's value for runs of fewer than about a million steps
+    (decay 0.999 reached after 10,000 iterations; the horizon is 32 iterations at 100, 178 at 1,000).
 
     The update is one ``torch._foreach_lerp_`` over tensor lists gathered once, at construction. timm's
     ``ModelEmaV3`` (the same average) rebuilds both state dicts at every update, and FIAS-tiny's training
@@ -192,16 +197,20 @@ class WeightAverageHandler:
             so every rank's average is the same).
         decay: the per-iteration decay in [0, 1), e.g. 0.999 (a horizon of about 1,000 iterations);
             0 switches the average off.
+        warmup_power: how fast the horizon grows at the start (above); 1 gives the plain mean.
 
     Attach it before the handlers that wait for the step's result (the NaN check reads the loss), so that
     queuing the update overlaps the step on the GPU instead of following it.
     """
 
-    def __init__(self, network: torch.nn.Module, decay: float = 0.0) -> None:
+    def __init__(self, network: torch.nn.Module, decay: float = 0.0, warmup_power: float = 0.75) -> None:
         decay = float(decay or 0.0)
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"the weight-average decay must be in [0, 1), 0 for none (got {decay})")
+        if not 0.0 < warmup_power <= 1.0:
+            raise ValueError(f"warmup_power must be in (0, 1] (got {warmup_power})")
         self.decay = decay
+        self.warmup_power = float(warmup_power)
         self.network = getattr(network, "module", network)
         self._average: torch.nn.Module | None = None
         if decay:
@@ -227,7 +236,7 @@ class WeightAverageHandler:
     @torch.no_grad()
     def __call__(self, engine: Engine) -> None:
         n = engine.state.iteration  # 1-based: weight 1 at the first (the average becomes those weights)
-        weight = max(1.0 / n, 1.0 - self.decay)
+        weight = max(n ** -self.warmup_power, 1.0 - self.decay)
         torch._foreach_lerp_(self._float[0], self._float[1], weight)
         if self._other[0]:
             torch._foreach_copy_(self._other[0], self._other[1])

@@ -151,7 +151,7 @@ def test_weight_average_reads_the_graph_steps_weights_on_gpu():
     made, after_step = [], []
 
     def average(net):
-        made.append(WeightAverageHandler(net, decay=0.99))
+        made.append(WeightAverageHandler(net, decay=0.99, warmup_power=1.0))
         return made[0]
 
     def record(net):

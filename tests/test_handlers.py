@@ -278,7 +278,7 @@ def test_weight_average_is_the_running_mean_then_the_exponential_average():
     net = torch.nn.Linear(1, 1, bias=False)
     wrapped = torch.nn.Module()
     wrapped.module = net  # as DistributedDataParallel holds it: the handler averages the inner network
-    avg = WeightAverageHandler(wrapped, decay=0.75)  # 1 / (1 - 0.75) = 4 iterations of plain mean
+    avg = WeightAverageHandler(wrapped, decay=0.75, warmup_power=1.0)  # 1 / (1 - 0.75) = 4 iterations of plain mean
     assert avg.enabled and avg.averaged is not net and not avg.averaged.training
     trainer = _weights_set_to_the_iteration(net)
     avg.attach(trainer)
@@ -291,7 +291,7 @@ def test_weight_average_is_the_running_mean_then_the_exponential_average():
     assert seen[5] == pytest.approx(0.75 * seen[4] + 0.25 * 6)
     assert net.weight.item() == 6.0  # the trained weights are left alone
     # the checkpoint entry is the averaged network's state, and restores it
-    restored = WeightAverageHandler(torch.nn.Linear(1, 1, bias=False), decay=0.75)
+    restored = WeightAverageHandler(torch.nn.Linear(1, 1, bias=False), decay=0.75, warmup_power=1.0)
     restored.load_state_dict(avg.state_dict())
     assert restored.averaged.weight.item() == pytest.approx(seen[5])
 
@@ -321,3 +321,23 @@ def test_weight_average_copies_integer_buffers_and_averages_float_ones():
 def test_weight_average_refuses_a_decay_outside_0_1(decay):
     with pytest.raises(ValueError, match="decay must be in"):
         WeightAverageHandler(torch.nn.Linear(1, 1), decay=decay)
+    with pytest.raises(ValueError, match="warmup_power must be in"):
+        WeightAverageHandler(torch.nn.Linear(1, 1), decay=0.9, warmup_power=0.0)
+
+
+def _lag_after(iterations, **kwargs):
+    net = torch.nn.Linear(1, 1, bias=False)
+    avg = WeightAverageHandler(net, decay=0.999, **kwargs)
+    trainer = _weights_set_to_the_iteration(net)  # weights drifting by 1 per step, as early training moves fast
+    avg.attach(trainer)
+    trainer.run(range(iterations), max_epochs=1)
+    return iterations - avg.averaged.weight.item()
+
+
+def test_weight_average_warm_up_keeps_close_to_weights_that_move():
+    # the plain mean (power 1) trails a steady drift by half the run; the default power 3/4 by well under
+    # half of that (its horizon after 400 steps is 400 ** 0.75 = 89 steps; measured lag 75)
+    assert _lag_after(400, warmup_power=1.0) == pytest.approx(199.5)
+    lag = _lag_after(400)
+    assert 0 < lag < 199.5 / 2
+    assert _lag_after(100) < lag  # and the horizon grows with the iterations
