@@ -189,8 +189,7 @@ class WeightAverageHandler:
     (optimizer steps, ``load_state_dict``, the CUDA-graph step all do): build the handler after the network
     is on its device and in its memory format.
 
-    With ``decay`` 0 the handler does nothing and :attr:`averaged` is the network itself, so the bundle
-    wires validation and :class:`BestModelSaver` to :attr:`averaged` either way.
+    With ``decay`` 0 the handler does nothing and :attr:`averaged` is the network itself.
 
     Args:
         network: the trained network (a DDP wrapper is unwrapped: every rank holds the same weights,
@@ -198,12 +197,17 @@ class WeightAverageHandler:
         decay: the per-iteration decay in [0, 1), e.g. 0.999 (a horizon of about 1,000 iterations);
             0 switches the average off.
         warmup_power: how fast the horizon grows at the start (above); 1 gives the plain mean.
+        averaged: the module that holds the average, a copy of ``network`` with the same tensor layout (the
+            bundle makes it a config item of its own, ``averaged_network``, so that validation, the saved
+            model and ``last.pt`` name it without referring to this handler's place in ``train#handlers``,
+            where MONAI Label inserts its checkpoint loader); None: a deep copy of ``network``.
 
     Attach it before the handlers that wait for the step's result (the NaN check reads the loss), so that
     queuing the update overlaps the step on the GPU instead of following it.
     """
 
-    def __init__(self, network: torch.nn.Module, decay: float = 0.0, warmup_power: float = 0.75) -> None:
+    def __init__(self, network: torch.nn.Module, decay: float = 0.0, warmup_power: float = 0.75,
+                 averaged: torch.nn.Module | None = None) -> None:
         decay = float(decay or 0.0)
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"the weight-average decay must be in [0, 1), 0 for none (got {decay})")
@@ -214,8 +218,13 @@ class WeightAverageHandler:
         self.network = getattr(network, "module", network)
         self._average: torch.nn.Module | None = None
         if decay:
-            self._average = copy.deepcopy(self.network).eval().requires_grad_(False)
-            pairs = list(zip(self._average.state_dict().values(), self.network.state_dict().values()))
+            if averaged is network or averaged is self.network:
+                raise ValueError("the averaged module must be a copy of the network, not the network itself")
+            self._average = (copy.deepcopy(self.network) if averaged is None else averaged).eval().requires_grad_(False)
+            mine, theirs = self._average.state_dict(), self.network.state_dict()
+            if list(mine) != list(theirs) or any(mine[k].shape != v.shape for k, v in theirs.items()):
+                raise ValueError("the averaged module's state differs from the network's: pass a copy of the network")
+            pairs = list(zip(mine.values(), theirs.values()))
             self._float = ([a for a, _ in pairs if a.is_floating_point()], [n for a, n in pairs if a.is_floating_point()])
             self._other = ([a for a, _ in pairs if not a.is_floating_point()],
                            [n for a, n in pairs if not a.is_floating_point()])

@@ -299,6 +299,7 @@ def test_ema_decay_wires_validation_and_the_saved_model_to_the_weight_average(tm
     wf.initialize()
     network, averaged = wf.parser.get_parsed_content("network"), wf.parser.get_parsed_content("eval_network")
     assert wf.parser.get_parsed_content("validate#evaluator").network is averaged
+    assert wf.parser.get_parsed_content("train#handlers")[0].averaged is averaged
     assert (averaged is network) == (decay == 0)
     wf.run()
     wf.finalize()
@@ -321,6 +322,29 @@ def test_ema_decay_wires_validation_and_the_saved_model_to_the_weight_average(tm
     evaluator = parser.get_parsed_content("validate#evaluator")
     loader = parser.get_parsed_content("validate#handlers")[0]
     assert evaluator.network is parser.get_parsed_content("network") is loader.load_dict["model"]
+
+
+def test_ema_decay_survives_monai_label_inserting_its_checkpoint_loader(tmp_path):
+    # MONAI Label's BundleTrainTask inserts a CheckpointLoader at train#handlers[0] when models/model.pt
+    # exists: nothing may refer to the weight average by its place in that list
+    from monai.bundle import ConfigParser
+
+    make_demo_dataset(tmp_path / "demo", num_train=2, num_val=1, shape=(64, 64, 4))
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    handlers = parser.get("train#handlers")
+    handlers.insert(0, {"_target_": "CheckpointLoader", "load_path": str(tmp_path / "model.pt"),
+                        "load_dict": {"model": "$@network"}, "strict": False})
+    parser.update({**TINY, "dataset_dir": str(tmp_path / "demo"), "bundle_root": str(tmp_path / "bundle"),
+                   "num_workers": 0, "cache_workers": 1, "ema_decay": 0.999, "device": "$torch.device('cpu')",
+                   "cuda_graph": False, "train#handlers": handlers})
+    trainer = parser.get_parsed_content("train#trainer")
+    averaged, network = parser.get_parsed_content("averaged_network"), parser.get_parsed_content("network")
+    assert averaged is not network
+    assert parser.get_parsed_content("validate#evaluator").network is averaged
+    assert parser.get_parsed_content("best_model_saver").network is averaged
+    [average] = [h for h in parser.get_parsed_content("train#handlers") if type(h).__name__ == "WeightAverageHandler"]
+    assert average.averaged is averaged and average.network is network and trainer.network is network
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -325,6 +325,18 @@ def test_weight_average_refuses_a_decay_outside_0_1(decay):
         WeightAverageHandler(torch.nn.Linear(1, 1), decay=0.9, warmup_power=0.0)
 
 
+def test_weight_average_takes_a_given_copy_and_refuses_anything_else():
+    net = torch.nn.Linear(2, 1)
+    copy_ = torch.nn.Linear(2, 1)
+    avg = WeightAverageHandler(net, decay=0.9, averaged=copy_)
+    assert avg.averaged is copy_ and not copy_.training and not copy_.weight.requires_grad
+    with pytest.raises(ValueError, match="not the network itself"):
+        WeightAverageHandler(net, decay=0.9, averaged=net)
+    with pytest.raises(ValueError, match="state differs"):
+        WeightAverageHandler(net, decay=0.9, averaged=torch.nn.Linear(3, 1))
+    assert WeightAverageHandler(net, decay=0, averaged=net).averaged is net  # off: the network itself
+
+
 def _lag_after(iterations, **kwargs):
     net = torch.nn.Linear(1, 1, bias=False)
     avg = WeightAverageHandler(net, decay=0.999, **kwargs)
