@@ -58,24 +58,42 @@ def main(max_grad_norms: str | tuple = "0,1.0", batch: int = 16, size: int = 256
     rates = {}
     for norm in norms:
         trainer = _trainer(batches, norm, dev.type)
-        for i in range(6):  # eager warm-up and the capture (the first also autotunes the Triton kernels)
-            trainer._iteration(trainer, batches[i % len(batches)])
-        if dev.type == "cuda":
-            assert trainer._graph is not None, "the step was not captured"
+        name = f"max_grad_norm {norm}"
+        rates[name] = time_blocks(name, lambda i: trainer._iteration(trainer, batches[i % len(batches)]), trainer,
+                                  batch, iters, repeats)
+    medians = report(rates, f"batch {batch}, {size}x{size}", cuda=dev.type == "cuda")
+    return dict(zip(norms, medians.values()))
+
+
+def time_blocks(name: str, step, trainer: GraphedSupervisedTrainer, batch: int, iters: int, repeats: int) -> list[float]:
+    """Images/s of ``repeats`` blocks of ``iters`` calls ``step(i)`` (one training iteration each), after six
+    calls of eager warm-up and the capture (the first also autotunes the Triton kernels); printed under ``name``."""
+    cuda = torch.device(trainer.state.device).type == "cuda"
+    for i in range(6):
+        step(i)
+    if cuda:
+        assert trainer._graph is not None, "the step was not captured"
+        torch.cuda.synchronize()
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(iters):
+            step(i)
+        if cuda:
             torch.cuda.synchronize()
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for i in range(iters):
-                trainer._iteration(trainer, batches[i % len(batches)])
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            rates.setdefault(norm, []).append(batch * iters / (time.perf_counter() - start))
-        print(f"max_grad_norm {norm}: {[round(r, 1) for r in rates[norm]]} images/s", flush=True)
-    medians = {norm: statistics.median(r) for norm, r in rates.items()}
-    card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
-    print(f"{card}, batch {batch}, {size}x{size}:")
-    for norm, med in medians.items():
-        print(f"  max_grad_norm {norm}: median {med:.1f} images/s, ratio {med / medians[norms[0]]:.3f} against {norms[0]}")
+        rates.append(batch * iters / (time.perf_counter() - start))
+    print(f"{name}: {[round(r, 1) for r in rates]} images/s", flush=True)
+    return rates
+
+
+def report(rates: dict[str, list[float]], setting: str, cuda: bool) -> dict[str, float]:
+    """Prints each variant's median and its ratio against the first variant; returns the medians."""
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    first = next(iter(medians))
+    card = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"{card}, {setting}:")
+    for name, med in medians.items():
+        print(f"  {name}: median {med:.1f} images/s, ratio {med / medians[first]:.3f} against {first}")
     return medians
 
 

@@ -22,8 +22,6 @@ session 14): with the ``timm`` update one H100 trained at 389 images/s (median o
 from __future__ import annotations
 
 import importlib.util
-import statistics
-import time
 from pathlib import Path
 
 import fire
@@ -36,7 +34,8 @@ VARIANTS = ("off", "timm", "cached")
 
 
 def _grad_clip_benchmark():
-    # the trainer is built exactly as in benchmark_grad_clip.py (the config's own network, optimizer, loss)
+    # the trainer, the timed blocks and the report as in benchmark_grad_clip.py (the config's own network,
+    # optimizer and loss; the same warm-up and capture before the blocks)
     spec = importlib.util.spec_from_file_location("benchmark_grad_clip", Path(__file__).with_name("benchmark_grad_clip.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -86,25 +85,8 @@ def main(variants: str | tuple = "off,timm,cached", decay: float = 0.999, batch:
                 update(trainer)
             float(output["loss"])  # the NaN check's read: the host waits for the step here
 
-        for i in range(6):  # eager warm-up and the capture (the first also autotunes the Triton kernels)
-            step(i)
-        if dev.type == "cuda":
-            assert trainer._graph is not None, "the step was not captured"
-            torch.cuda.synchronize()
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for i in range(iters):
-                step(i)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            rates.setdefault(name, []).append(batch * iters / (time.perf_counter() - start))
-        print(f"{name}: {[round(r, 1) for r in rates[name]]} images/s", flush=True)
-    medians = {name: statistics.median(r) for name, r in rates.items()}
-    card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
-    print(f"{card}, batch {batch}, {size}x{size}, decay {decay}:")
-    for name, med in medians.items():
-        print(f"  {name}: median {med:.1f} images/s, ratio {med / medians[names[0]]:.3f} against {names[0]}")
-    return medians
+        rates[name] = bench.time_blocks(name, step, trainer, batch, iters, repeats)
+    return bench.report(rates, f"batch {batch}, {size}x{size}, decay {decay}", cuda=dev.type == "cuda")
 
 
 if __name__ == "__main__":
