@@ -181,8 +181,8 @@ class WeightAverageHandler:
     (decay 0.999 reached after 10,000 iterations; the horizon is 32 iterations at 100, 178 at 1,000).
 
     The update is one ``torch._foreach_lerp_`` over tensor lists gathered once, at construction. timm's
-    ``ModelEmaV3`` (the same average) rebuilds both state dicts at every update, and FIAS-tiny's training
-    step is bound by the host: with that update one H100 trained ACDC at 389 images/s, against 525 for the
+    ``ModelEmaV3`` (the same average) rebuilds both state dicts at every update, host work between two
+    replays of the captured step: with that update one H100 trained ACDC at 389 images/s, against 525 for the
     same recipe without an average in session 10 (another machine of the same kind; the update's share is
     not measured in isolation yet: ``scripts/benchmark_weight_average.py``; bundle/docs/README.md, session
     14). The cached lists assume the network's tensors are updated in place
