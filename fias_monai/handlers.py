@@ -224,14 +224,12 @@ class WeightAverageHandler:
             mine, theirs = self._average.state_dict(), self.network.state_dict()
             if list(mine) != list(theirs) or any(mine[k].shape != v.shape for k, v in theirs.items()):
                 raise ValueError("the averaged module's state differs from the network's: pass a copy of the network")
-            pairs = list(zip(mine.values(), theirs.values()))
-            self._float = ([a for a, _ in pairs if a.is_floating_point()], [n for a, n in pairs if a.is_floating_point()])
-            self._other = ([a for a, _ in pairs if not a.is_floating_point()],
-                           [n for a, n in pairs if not a.is_floating_point()])
-
-    @property
-    def enabled(self) -> bool:
-        return self._average is not None
+            self._float: tuple[list, list] = ([], [])  # (average's tensors, network's tensors): lerped
+            self._other: tuple[list, list] = ([], [])  # integer buffers: copied
+            for a, n in zip(mine.values(), theirs.values()):
+                group = self._float if a.is_floating_point() else self._other
+                group[0].append(a)
+                group[1].append(n)
 
     @property
     def averaged(self) -> torch.nn.Module:
@@ -249,12 +247,6 @@ class WeightAverageHandler:
         torch._foreach_lerp_(self._float[0], self._float[1], weight)
         if self._other[0]:
             torch._foreach_copy_(self._other[0], self._other[1])
-
-    def state_dict(self) -> dict:
-        return self.averaged.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.averaged.load_state_dict(state)
 
 
 class ProgressBarHandler:

@@ -279,7 +279,7 @@ def test_weight_average_is_the_running_mean_then_the_exponential_average():
     wrapped = torch.nn.Module()
     wrapped.module = net  # as DistributedDataParallel holds it: the handler averages the inner network
     avg = WeightAverageHandler(wrapped, decay=0.75, warmup_power=1.0)  # 1 / (1 - 0.75) = 4 iterations of plain mean
-    assert avg.enabled and avg.averaged is not net and not avg.averaged.training
+    assert avg.averaged is not net and not avg.averaged.training
     trainer = _weights_set_to_the_iteration(net)
     avg.attach(trainer)
     seen = []
@@ -290,16 +290,16 @@ def test_weight_average_is_the_running_mean_then_the_exponential_average():
     assert seen[4] == pytest.approx(0.75 * 2.5 + 0.25 * 5)
     assert seen[5] == pytest.approx(0.75 * seen[4] + 0.25 * 6)
     assert net.weight.item() == 6.0  # the trained weights are left alone
-    # the checkpoint entry is the averaged network's state, and restores it
+    # last.pt's 'ema' entry is the averaged network's state (train.json's averaged_network), and restores it
     restored = WeightAverageHandler(torch.nn.Linear(1, 1, bias=False), decay=0.75, warmup_power=1.0)
-    restored.load_state_dict(avg.state_dict())
+    restored.averaged.load_state_dict(avg.averaged.state_dict())
     assert restored.averaged.weight.item() == pytest.approx(seen[5])
 
 
 def test_weight_average_off_is_the_network_itself():
     net = torch.nn.Linear(1, 1, bias=False)
     avg = WeightAverageHandler(net, decay=0)
-    assert not avg.enabled and avg.averaged is net
+    assert avg.averaged is net
     trainer = _weights_set_to_the_iteration(net)
     avg.attach(trainer)
     assert not trainer.has_event_handler(avg, Events.ITERATION_COMPLETED)
