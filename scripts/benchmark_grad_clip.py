@@ -49,12 +49,7 @@ def main(max_grad_norms: str | tuple = "0,1.0", batch: int = 16, size: int = 256
         raise SystemExit("benchmark_grad_clip.py times the CUDA-graph step: it needs a GPU (or --device cpu)")
     norms = [float(v) for v in (max_grad_norms if isinstance(max_grad_norms, (list, tuple))
                                 else str(max_grad_norms).split(","))]
-    parser = ConfigParser()
-    parser.read_config(CONFIGS)
-    classes = parser.get_parsed_content("num_classes")
-    g = torch.Generator().manual_seed(0)
-    batches = [{"image": torch.rand(batch, 1, size, size, generator=g),
-                "label": torch.randint(0, classes, (batch, 1, size, size), generator=g)} for _ in range(4)]
+    batches = synthetic_batches(batch, size)
     rates = {}
     for norm in norms:
         trainer = _trainer(batches, norm, dev.type)
@@ -63,6 +58,16 @@ def main(max_grad_norms: str | tuple = "0,1.0", batch: int = 16, size: int = 256
                                   batch, iters, repeats)
     medians = report(rates, f"batch {batch}, {size}x{size}", cuda=dev.type == "cuda")
     return dict(zip(norms, medians.values()))
+
+
+def synthetic_batches(batch: int, size: int, count: int = 4) -> list[dict]:
+    """``count`` fixed random batches (image in [0, 1], labels over the config's classes), reused in turn."""
+    parser = ConfigParser()
+    parser.read_config(CONFIGS)
+    classes = parser.get_parsed_content("num_classes")
+    g = torch.Generator().manual_seed(0)
+    return [{"image": torch.rand(batch, 1, size, size, generator=g),
+             "label": torch.randint(0, classes, (batch, 1, size, size), generator=g)} for _ in range(count)]
 
 
 def time_blocks(name: str, step, trainer: GraphedSupervisedTrainer, batch: int, iters: int, repeats: int) -> list[float]:

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import fire
 import torch
-from monai.bundle import ConfigParser
 
 from fias_monai.handlers import WeightAverageHandler
 
@@ -43,7 +42,8 @@ def _grad_clip_benchmark():
 
 
 def _updater(variant: str, trainer, decay: float):
-    """A callable run after each iteration (the engine's ITERATION_COMPLETED), or None for ``off``."""
+    """A callable run after each iteration (the engine's ITERATION_COMPLETED), or None for ``off``; ``variant``
+    is one of VARIANTS."""
     if variant == "off":
         return None
     if variant == "timm":
@@ -51,9 +51,7 @@ def _updater(variant: str, trainer, decay: float):
 
         ema = ModelEmaV3(trainer.network, decay=decay, use_warmup=True, warmup_gamma=1.0, warmup_power=1.0)
         return lambda engine: ema.update(trainer.network, step=engine.state.iteration)
-    if variant == "cached":
-        return WeightAverageHandler(trainer.network, decay=decay)
-    raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    return WeightAverageHandler(trainer.network, decay=decay)  # "cached" (main checks the names)
 
 
 def main(variants: str | tuple = "off,timm,cached", decay: float = 0.999, batch: int = 16, size: int = 256,
@@ -67,12 +65,7 @@ def main(variants: str | tuple = "off,timm,cached", decay: float = 0.999, batch:
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {VARIANTS}")
     bench = _grad_clip_benchmark()
-    parser = ConfigParser()
-    parser.read_config(bench.CONFIGS)
-    classes = parser.get_parsed_content("num_classes")
-    g = torch.Generator().manual_seed(0)
-    batches = [{"image": torch.rand(batch, 1, size, size, generator=g),
-                "label": torch.randint(0, classes, (batch, 1, size, size), generator=g)} for _ in range(4)]
+    batches = bench.synthetic_batches(batch, size)
     rates: dict[str, list[float]] = {}
     for name in names:
         trainer = bench._trainer(batches, 0.0, dev.type)
