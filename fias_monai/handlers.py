@@ -180,14 +180,12 @@ class WeightAverageHandler:
     session 14), so the default is 3/4, timm's value for runs of fewer than about a million steps
     (decay 0.999 reached after 10,000 iterations; the horizon is 32 iterations at 100, 178 at 1,000).
 
-    The update is one ``torch._foreach_lerp_`` over tensor lists gathered once, at construction. timm's
-    ``ModelEmaV3`` (the same average) rebuilds both state dicts at every update, host work between two
-    replays of the captured step: with that update one H100 trained ACDC at 389 images/s, against 525 for the
-    same recipe without an average in session 10 (another machine of the same kind; the update's share is
-    not measured in isolation yet: ``scripts/benchmark_weight_average.py``; bundle/docs/README.md, session
-    14). The cached lists assume the network's tensors are updated in place
-    (optimizer steps, ``load_state_dict``, the CUDA-graph step all do): build the handler after the network
-    is on its device and in its memory format.
+    The update is one ``torch._foreach_lerp_`` over tensor lists gathered once, at construction, where timm's
+    ``ModelEmaV3`` (the same average) rebuilds both state dicts at every update. Queued after FIAS-tiny's
+    captured ACDC step on an H100 the two are level, about 2 % below no average (median step rates 0.981
+    and 0.984 of it; ``scripts/benchmark_weight_average.py``, docs/benchmark.md). The cached lists assume
+    the network's tensors are updated in place (optimizer steps, ``load_state_dict``, the CUDA-graph step
+    all do): build the handler after the network is on its device and in its memory format.
 
     With ``decay`` 0 the handler does nothing and :attr:`averaged` is the network itself.
 
