@@ -5,7 +5,8 @@
 for FIAS), each with softmax Dice and cross-entropy. Everything those need from the full-size maps is
 a handful of sums per combination, batch item and class:
 
-- ``ce``: the summed cross-entropy, sum over pixels of ``logsumexp(z) - z[label]``;
+- ``ce``: the summed cross-entropy, sum over pixels of ``logsumexp(z) - z[label]`` (times the pixel's
+  weight where a cross-entropy weight map is given: the border weighting of the loss);
 - ``intersection``: sum over pixels of ``softmax(z)[c] * onehot[c]``;
 - ``prob_sum``: sum over pixels of ``softmax(z)[c]``;
 - ``label_count``: sum over pixels of ``onehot[c]`` (a constant),
@@ -18,7 +19,7 @@ PyTorch, so their options (smoothing, batch Dice, background) are plain tensor c
 
 The backward kernel recomputes the softmax of every combination from the maps and writes each map's
 gradient directly: for combination s, ``dz = p * (g - sum(p * g)) + dce * (p - onehot)`` with
-``g = dI * onehot + dP``, and map m receives ``sum_s weight[s, m] * dz_s``. In PyTorch the same loss
+``g = dI * onehot + dP`` (``dce`` times the pixel's weight, if any), and map m receives ``sum_s weight[s, m] * dz_s``. In PyTorch the same loss
 stacks S full-size float32 copies of the logits and their softmax (about 20 kernels and a few hundred
 MB per step at FIAS's training shape); here it is two kernels that read the maps once each.
 
@@ -92,11 +93,20 @@ if triton is not None:
         se = tl.sum(e, axis=1)
         return z, e / se[:, None], zmax + tl.log(se)
 
-    @triton.autotune(configs=_configs(), key=["P", "C", "S", "N_MAPS"])
     @triton.jit
-    def _stats_fwd_kernel(x0, x1, x2, lab_ptr, w_ptr, ce_ptr, inter_ptr, psum_ptr, count_ptr, B, P, C, NBLK,
+    def _pixel_weight(cew_ptr, b, p, P, pm, HAS_CEW: tl.constexpr, BLOCK_P: tl.constexpr):
+        """The cross-entropy weight of pixels ``p`` of batch item ``b``: read from the weight map, or 1."""
+        w = tl.full([BLOCK_P], 1.0, tl.float32)
+        if HAS_CEW:
+            w = tl.load(cew_ptr + b.to(tl.int64) * P + p, mask=pm, other=0.0)
+        return w
+
+    @triton.autotune(configs=_configs(), key=["P", "C", "S", "N_MAPS", "HAS_CEW"])
+    @triton.jit
+    def _stats_fwd_kernel(x0, x1, x2, lab_ptr, cew_ptr, w_ptr, ce_ptr, inter_ptr, psum_ptr, count_ptr, B, P, C, NBLK,
                           s0b, s0c, s0p, s1b, s1c, s1p, s2b, s2c, s2p, S: tl.constexpr, N_MAPS: tl.constexpr,
-                          PIX: tl.constexpr, S_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                          HAS_CEW: tl.constexpr, PIX: tl.constexpr, S_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
         # PIX pixels per program, in sub-tiles of BLOCK_P; the partial sums of every combination are
         # accumulated as rows of small (S_PAD, BLOCK_C) tiles and written once. PIX is fixed, so the
         # partial-sum layout is the same whichever BLOCK_P the autotuner picks.
@@ -112,10 +122,11 @@ if triton is not None:
             l0, l1, l2, onehot, pm, cm, m2, c = _tile(x0, x1, x2, lab_ptr, b, p, P, C, s0b, s0c, s0p, s1b, s1c, s1p,
                                                       s2b, s2c, s2p, N_MAPS, BLOCK_P, BLOCK_C)
             acc_count += tl.sum(onehot, axis=0)
+            wpix = _pixel_weight(cew_ptr, b, p, P, pm, HAS_CEW, BLOCK_P)
             for s in tl.static_range(S):
                 z, prob, lse = _softmax(w_ptr, s, l0, l1, l2, cm, N_MAPS)
                 z_label = tl.sum(tl.where(onehot > 0, z, 0.0), axis=1)
-                ce = tl.sum(tl.where(pm, lse - z_label, 0.0), axis=0)
+                ce = tl.sum(tl.where(pm, (lse - z_label) * wpix, 0.0), axis=0)
                 prob = tl.where(m2, prob, 0.0)
                 this = (srow == s)[:, None]
                 acc_inter = tl.where(this, acc_inter + tl.sum(prob * onehot, axis=0)[None, :], acc_inter)
@@ -129,15 +140,16 @@ if triton is not None:
         tl.store(psum_ptr + rows[:, None] * BLOCK_C + c[None, :], acc_psum, mask=smask[:, None])
         tl.store(count_ptr + (b * NBLK + blk) * BLOCK_C + c, acc_count)
 
-    @triton.autotune(configs=_configs(), key=["P", "C", "S", "N_MAPS"])
+    @triton.autotune(configs=_configs(), key=["P", "C", "S", "N_MAPS", "HAS_CEW"])
     @triton.jit
-    def _stats_bwd_kernel(x0, x1, x2, lab_ptr, w_ptr, dce_ptr, dinter_ptr, dpsum_ptr, g0, g1, g2, B, P, C,
+    def _stats_bwd_kernel(x0, x1, x2, lab_ptr, cew_ptr, w_ptr, dce_ptr, dinter_ptr, dpsum_ptr, g0, g1, g2, B, P, C,
                           s0b, s0c, s0p, s1b, s1c, s1p, s2b, s2c, s2p, S: tl.constexpr, N_MAPS: tl.constexpr,
-                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                          HAS_CEW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         b = tl.program_id(1)
         p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         l0, l1, l2, onehot, pm, cm, m2, c = _tile(x0, x1, x2, lab_ptr, b, p, P, C, s0b, s0c, s0p, s1b, s1c, s1p,
                                                   s2b, s2c, s2p, N_MAPS, BLOCK_P, BLOCK_C)
+        wpix = _pixel_weight(cew_ptr, b, p, P, pm, HAS_CEW, BLOCK_P)
         d0 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
         d1 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
         d2 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
@@ -149,7 +161,7 @@ if triton is not None:
             d_psum = tl.load(dpsum_ptr + row * C + c, mask=cm, other=0.0)
             d_ce = tl.load(dce_ptr + row)
             g = d_inter[None, :] * onehot + d_psum[None, :]  # d loss / d softmax
-            dz = prob * (g - tl.sum(prob * g, axis=1)[:, None]) + d_ce * (prob - onehot)
+            dz = prob * (g - tl.sum(prob * g, axis=1)[:, None]) + (d_ce * wpix)[:, None] * (prob - onehot)
             dz = tl.where(m2, dz, 0.0)
             d0 += tl.load(w_ptr + s * N_MAPS) * dz
             if N_MAPS > 1:
@@ -190,7 +202,7 @@ def _launch(maps: Sequence[torch.Tensor]):
 
 class _MixedSoftmaxStats(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weights: torch.Tensor, labels: torch.Tensor, *maps: torch.Tensor):
+    def forward(ctx, weights: torch.Tensor, labels: torch.Tensor, ce_weight: torch.Tensor | None, *maps: torch.Tensor):
         s, n = weights.shape
         b, c = maps[0].shape[:2]
         tensors, strides, block_c, pixels = _launch(maps)
@@ -200,11 +212,14 @@ class _MixedSoftmaxStats(torch.autograd.Function):
         inter = torch.empty(s, b, nblk, block_c, device=dev, dtype=torch.float32)
         psum = torch.empty_like(inter)
         count = torch.empty(b, nblk, block_c, device=dev, dtype=torch.float32)
-        _stats_fwd_kernel[(nblk, b)](*tensors, labels, weights, ce, inter, psum, count, b, pixels, c, nblk, *strides,
-                                     S=s, N_MAPS=n, PIX=_PIX, S_PAD=max(triton.next_power_of_2(s), 2),
-                                     BLOCK_C=block_c)
+        has_cew = ce_weight is not None
+        cew = ce_weight if has_cew else ce  # an unused pointer argument: any tensor does
+        _stats_fwd_kernel[(nblk, b)](*tensors, labels, cew, weights, ce, inter, psum, count, b, pixels, c, nblk,
+                                     *strides, S=s, N_MAPS=n, HAS_CEW=has_cew, PIX=_PIX,
+                                     S_PAD=max(triton.next_power_of_2(s), 2), BLOCK_C=block_c)
         # the maps as the kernel read them (the same tensors unless one had to be made contiguous)
-        ctx.save_for_backward(weights, labels, *tensors[:n])
+        ctx.save_for_backward(weights, labels, cew, *tensors[:n])
+        ctx.has_cew = has_cew
         ctx.strides, ctx.block_c, ctx.pixels = strides, block_c, pixels
         # per-tile partial sums, added up in a fixed order: the same value on every run
         count = count.sum(1)[..., :c]
@@ -213,7 +228,7 @@ class _MixedSoftmaxStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_ce, d_inter, d_psum, _d_count):
-        weights, labels, *maps = ctx.saved_tensors
+        weights, labels, cew, *maps = ctx.saved_tensors
         s, n = weights.shape
         b, c = maps[0].shape[:2]
         pixels = ctx.pixels
@@ -226,12 +241,14 @@ class _MixedSoftmaxStats(torch.autograd.Function):
         def grid(meta):
             return triton.cdiv(pixels, meta["BLOCK_P"]), b
 
-        _stats_bwd_kernel[grid](*maps, *[maps[0]] * absent, labels, weights, d_ce, d_inter, d_psum, *grads,
-                                *[grads[0]] * absent, b, pixels, c, *ctx.strides, S=s, N_MAPS=n, BLOCK_C=ctx.block_c)
-        return (None, None, *grads)
+        _stats_bwd_kernel[grid](*maps, *[maps[0]] * absent, labels, cew, weights, d_ce, d_inter, d_psum, *grads,
+                                *[grads[0]] * absent, b, pixels, c, *ctx.strides, S=s, N_MAPS=n,
+                                HAS_CEW=ctx.has_cew, BLOCK_C=ctx.block_c)
+        return (None, None, None, *grads)
 
 
-def mixed_softmax_stats(maps: Sequence[torch.Tensor], weights: torch.Tensor, labels: torch.Tensor):
+def mixed_softmax_stats(maps: Sequence[torch.Tensor], weights: torch.Tensor, labels: torch.Tensor,
+                        ce_weight: torch.Tensor | None = None):
     """Cross-entropy and soft-Dice sums of every mixed combination of ``maps``, fused.
 
     Args:
@@ -239,9 +256,11 @@ def mixed_softmax_stats(maps: Sequence[torch.Tensor], weights: torch.Tensor, lab
         weights: (S, N) float32 mixing table on the maps' device: combination s is
             ``sum_m weights[s, m] * maps[m]`` (0/1 for FIAS's subsets).
         labels: (B, *spatial) or (B, 1, *spatial) class indices.
+        ce_weight: optional (B, *spatial) or (B, 1, *spatial) weight of each pixel's cross-entropy (no
+            gradient); None weighs every pixel 1.
 
     Returns:
-        ``(ce, intersection, prob_sum, label_count)``: (S, B) summed cross-entropy, (S, B, C) sums of
+        ``(ce, intersection, prob_sum, label_count)``: (S, B) summed (weighted) cross-entropy, (S, B, C) sums of
         softmax times one-hot and of softmax, (B, C) label voxel counts (no gradient); float32, all
         differentiable with respect to ``maps`` except the counts.
     """
@@ -257,4 +276,10 @@ def mixed_softmax_stats(maps: Sequence[torch.Tensor], weights: torch.Tensor, lab
         labels = labels[:, 0]
     labels = labels.reshape(shape[0], -1).to(torch.int32).contiguous()
     weights = weights.to(device=maps[0].device, dtype=torch.float32).contiguous()
-    return _MixedSoftmaxStats.apply(weights, labels, *maps)
+    if ce_weight is not None:
+        if ce_weight.ndim == len(shape):
+            ce_weight = ce_weight[:, 0]
+        if tuple(ce_weight.shape) != (shape[0], *shape[2:]):
+            raise ValueError(f"ce_weight must be (B, *spatial) = {(shape[0], *shape[2:])}, got {tuple(ce_weight.shape)}.")
+        ce_weight = ce_weight.detach().reshape(shape[0], -1).to(device=maps[0].device, dtype=torch.float32).contiguous()
+    return _MixedSoftmaxStats.apply(weights, labels, ce_weight, *maps)

@@ -28,6 +28,7 @@ import torch
 
 from conftest import BackgroundRun
 from fias_monai.data import load_datalist, make_demo_dataset
+from fias_monai.losses import FeatureMixingLoss
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -284,6 +285,24 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor(tmp_path):
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # then only down
     assert lrs[12] == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 8 / 16)))  # cosine over the other 16
     assert scheduler.get_last_lr()[0] == pytest.approx(1e-5)  # ends at lr * min_lr_ratio
+
+
+@pytest.mark.parametrize("border_weight", [0, 2.0])
+def test_border_weight_reaches_the_trainers_loss(border_weight):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    parser.update({**{k: v for k, v in TINY.items() if k.startswith("network_def")}, "border_weight": border_weight})
+    loss = parser.get_parsed_content("train#trainer#loss_function", instantiate=True)
+    assert (loss.border_weight, loss.border_width) == (border_weight, 1)
+    y = torch.zeros(1, 1, 8, 8)
+    y[..., 2:6, 2:6] = 1
+    logits = torch.zeros(1, parser.get_parsed_content("num_classes"), 8, 8)
+    # uniform logits: every voxel's cross-entropy is log(C), and border voxels count 1 + border_weight times
+    ce = 0.6 * np.log(logits.shape[1]) * (1 + border_weight * (32 / 64))  # 32 of the 64 voxels are border
+    dice = FeatureMixingLoss(lambda_dice=1.0, lambda_ce=0.0)(logits, y).item()
+    assert loss(logits, y).item() == pytest.approx(0.4 * dice + ce, rel=1e-6)
 
 
 @pytest.mark.parametrize("decay", [0, 0.5])
