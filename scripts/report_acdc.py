@@ -344,6 +344,12 @@ def _titled_figure(rows: list[np.ndarray], columns: list[str], cases: list[str],
     plt.close(fig)
 
 
+def _docs_result(out_dir: Path, name: str) -> dict:
+    """An earlier session's row: its JSON in ``out_dir``/results, or {} if there is none."""
+    path = out_dir / "results" / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CURVE_RUNS,
          figure: str = FIGURE_RUNS, cases: str | None = None, tag: str = "", confusion: str = "",
          versus: str = "", border: str = "") -> None:
@@ -361,7 +367,8 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         border: comma-separated run names whose myocardium errors are binned by distance to the true
             border (``border_table``).
 
-    Curve runs missing from ``runs`` are drawn from their JSONs in ``out``/results (earlier sessions' rows).
+    Curve and ``versus`` runs missing from ``runs`` are read from their JSONs in ``out``/results (earlier
+    sessions' rows).
     """
     runs_dir, out_dir = Path(runs), Path(out)
     (out_dir / "results").mkdir(parents=True, exist_ok=True)
@@ -409,8 +416,7 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    earlier = {n: json.loads((out_dir / "results" / f"{n}.json").read_text()) for n in _names(curve)
-               if n not in results and (out_dir / "results" / f"{n}.json").exists()}
+    earlier = {n: r for n in _names(curve) if n not in results for r in [_docs_result(out_dir, n)] if r}
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     drawn = [n for n in _names(curve) if n in results or n in earlier]
     results = {**earlier, **results}
@@ -485,7 +491,7 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         print(border_table(bordered, NAMES))
     for pair in _names(versus):
         a, b = pair.split(":")
-        rows = [results.get(n, {}).get("per_case", []) for n in (a, b)]
+        rows = [(results.get(n) or _docs_result(out_dir, n)).get("per_case", []) for n in (a, b)]
         print(f"{a} against {b}, volume by volume:")
         for c, (d, better, n) in per_volume_comparison(*rows).items():
             print(f"  {c}: {d:+.2f} Dice points, better on {better} of {n} volumes")

@@ -163,6 +163,15 @@ def test_report_compares_two_runs_volume_by_volume():
         report.per_volume_comparison(a, rows({"p1": (0.9, 0.9, 0.9)}))
 
 
+def test_report_reads_earlier_rows_from_the_docs_results(tmp_path):
+    # --versus and --curve name runs of earlier sessions: their JSONs in the docs' results folder
+    report = _load_script("report_acdc")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "old_run.json").write_text(json.dumps({"name": "old_run", "per_case": [{"case": "p1"}]}))
+    assert report._docs_result(tmp_path, "old_run")["per_case"] == [{"case": "p1"}]
+    assert report._docs_result(tmp_path, "never_ran") == {}
+
+
 def test_report_bins_myocardium_errors_by_distance_to_the_true_border():
     report = _load_script("report_acdc")
     # one row of pixels per slice (H 1, W 9, Z 2): MYO at columns 3-5 on slice 0, none on slice 1
