@@ -19,9 +19,10 @@ PyTorch, so their options (smoothing, batch Dice, background) are plain tensor c
 
 The backward kernel recomputes the softmax of every combination from the maps and writes each map's
 gradient directly: for combination s, ``dz = p * (g - sum(p * g)) + dce * (p - onehot)`` with
-``g = dI * onehot + dP`` (``dce`` times the pixel's weight, if any), and map m receives ``sum_s weight[s, m] * dz_s``. In PyTorch the same loss
-stacks S full-size float32 copies of the logits and their softmax (about 20 kernels and a few hundred
-MB per step at FIAS's training shape); here it is two kernels that read the maps once each.
+``g = dI * onehot + dP`` (``dce`` times the pixel's weight, if any), and map m receives
+``sum_s weight[s, m] * dz_s``. In PyTorch the same loss stacks S full-size float32 copies of the logits
+and their softmax (about 20 kernels and a few hundred MB per step at FIAS's training shape); here it is
+two kernels that read the maps once each.
 
 Labels outside ``[0, C)`` count as no class (no one-hot entry, cross-entropy against nothing); the
 bundle's data checks reject such labels before training.
@@ -260,8 +261,8 @@ def mixed_softmax_stats(maps: Sequence[torch.Tensor], weights: torch.Tensor, lab
             gradient); None weighs every pixel 1.
 
     Returns:
-        ``(ce, intersection, prob_sum, label_count)``: (S, B) summed (weighted) cross-entropy, (S, B, C) sums of
-        softmax times one-hot and of softmax, (B, C) label voxel counts (no gradient); float32, all
+        ``(ce, intersection, prob_sum, label_count)``: (S, B) summed (weighted) cross-entropy, (S, B, C)
+        sums of softmax times one-hot and of softmax, (B, C) label voxel counts (no gradient); float32, all
         differentiable with respect to ``maps`` except the counts.
     """
     if not maps or len(maps) > MAX_MAPS:
@@ -280,6 +281,7 @@ def mixed_softmax_stats(maps: Sequence[torch.Tensor], weights: torch.Tensor, lab
         if ce_weight.ndim == len(shape):
             ce_weight = ce_weight[:, 0]
         if tuple(ce_weight.shape) != (shape[0], *shape[2:]):
-            raise ValueError(f"ce_weight must be (B, *spatial) = {(shape[0], *shape[2:])}, got {tuple(ce_weight.shape)}.")
+            raise ValueError(f"ce_weight must be (B, *spatial) = {(shape[0], *shape[2:])}, "
+                             f"got {tuple(ce_weight.shape)}.")
         ce_weight = ce_weight.detach().reshape(shape[0], -1).to(device=maps[0].device, dtype=torch.float32).contiguous()
     return _MixedSoftmaxStats.apply(weights, labels, ce_weight, *maps)
