@@ -4,7 +4,9 @@ Runs exactly the commands a user runs (``python -m monai.bundle run training`` t
 with the given config overlays and overrides, records wall-clock minutes, the GPU, the git commit
 (``GIT_COMMIT`` env var when the tree has no .git), GPU utilisation samples, the validation curve
 (``val_history.csv``) and the per-class metrics, and saves the predictions of a few validation volumes
-(uint8 npz) for the qualitative figure. The results JSON is written last, so its presence marks a finished row.
+(uint8 npz) for the qualitative figure. Both files are written atomically, the results JSON first: its presence
+marks an evaluated row, and ``<name>_val_preds.npz`` marks the predictions saved (a job cut off while they are
+being saved keeps the row).
 
     python scripts/run_experiment.py --name fias_tiny --overlays bundle/configs/acdc.json \
         --workdir /tmp/runs --out results/ --overrides '{"dataset_dir": "/tmp/acdc"}'
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import fire
 
-from fias_monai.utils import bundle_cli_args
+from fias_monai.utils import atomic_path, bundle_cli_args
 
 
 def _gpu_sampler(samples: list, stop: threading.Event) -> None:
@@ -127,14 +129,16 @@ def main(name: str, overlays: str, workdir: str = "/tmp/runs", out: str = "resul
         "val_history": history,
         "per_case": per_case,
     }
-    if save_preds and not eval_tag:
-        _save_predictions(name, overlays_list, overrides, out_dir, save_preds, log)
-    # written last: a results JSON means the row is complete, its predictions included (device jobs wait on it)
-    (out_dir / f"{result_name}_results.json").write_text(json.dumps(result, indent=1))
+    # before the predictions: saving them takes longer than the evaluation (a fresh process, every volume through
+    # the preprocessing again), and a device call that ended during it lost four evaluated rows in session 16
+    with atomic_path(out_dir / f"{result_name}_results.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("name", "gpu", "train_wall_minutes_incl_caching",
                                              "gpu_util_mean_during_training")}))
     for row in summary:
         print(row)
+    if save_preds and not eval_tag:
+        _save_predictions(name, overlays_list, overrides, out_dir, save_preds, log)
 
 
 def _save_predictions(name, overlays_list, overrides, out_dir, n, log) -> None:
@@ -142,6 +146,7 @@ def _save_predictions(name, overlays_list, overrides, out_dir, n, log) -> None:
     code = f"""
 import numpy as np, torch, json
 from monai.bundle import ConfigParser
+from fias_monai.utils import atomic_path
 p = ConfigParser()
 p.read_config({['bundle/configs/train.json', *overlays_list, 'bundle/configs/evaluate.json']!r})
 p.update({ {k: (json.loads(v) if isinstance(v, str) and v[:1] in '[{' else v) for k, v in overrides.items()}!r})
@@ -163,7 +168,8 @@ for item in data[:{n}]:
     out[case + '__pred'] = d['pred'][0].numpy().astype('uint8')
     out[case + '__label'] = d['label'][0].numpy().astype('uint8')
     out[case + '__image'] = (d['image'][0].numpy().clip(0, 1) * 255).astype('uint8')
-np.savez_compressed({str(out_dir / f'{name}_val_preds.npz')!r}, **out)
+with atomic_path({str(out_dir / f'{name}_val_preds.npz')!r}, suffix='.npz') as tmp:
+    np.savez_compressed(tmp, **out)
 """
     with open(log, "a") as f:
         subprocess.run([sys.executable, "-c", code], stdout=f, stderr=subprocess.STDOUT)

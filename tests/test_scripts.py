@@ -1,7 +1,7 @@
 """The experiment script behind the ACDC table (``scripts/run_experiment.py``), on CPU with a tiny network.
 
-* a row trains once and evaluates, and writes its results JSON after its predictions (the JSON marks a
-  finished row); ``--eval_tag`` evaluates the same trained model again with other
+* a row trains once and evaluates, and writes its results JSON before its predictions (the JSON marks an
+  evaluated row, the predictions' npz their own completion); ``--eval_tag`` evaluates the same trained model again with other
   evaluation settings (or the final weights, ``models/last.pt``) into ``<name>_<tag>_results.json`` without
   training again;
 * a ``None`` override is refused before anything runs (MONAI's bundle CLI would drop it silently).
@@ -66,16 +66,26 @@ def test_run_experiment_evaluates_a_trained_row_again_under_an_eval_tag(tmp_path
     make_demo_dataset(tmp_path / "demo", num_train=2, num_val=1, shape=(64, 64, 4))
     overrides = {**TINY, "dataset_dir": str(tmp_path / "demo")}
     script = _load_script("run_experiment")
-    results_json_existed = []  # when the predictions were saved (the predictor itself is not under test)
+    results_json_existed = []  # when the predictions were saved
+    save_predictions = script._save_predictions
 
-    def record(name, *_):
+    def record(name, *args):
         results_json_existed.append((tmp_path / "out" / f"{name}_results.json").exists())
+        save_predictions(name, *args)
 
     script._save_predictions = record
     first = _run_experiment(tmp_path, monkeypatch, capsys, overrides, script=script, save_preds=1)
     assert "training already done" not in first
-    # the results JSON is written last: a device job that waits for it finds the predictions saved too
-    assert results_json_existed == [False]
+    # the results JSON comes first: a call that ends while the predictions are saved keeps the evaluated row
+    assert results_json_existed == [True]
+    # the predictions of the one validation volume, on its label grid, and no temporary file left beside them
+    with np.load(tmp_path / "out" / "row_val_preds.npz") as preds:
+        case = sorted(preds.files)[0].split("__")[0]
+        assert sorted(preds.files) == [f"{case}__image", f"{case}__label", f"{case}__pred"]
+        assert preds[f"{case}__pred"].shape == preds[f"{case}__label"].shape == (64, 64, 4)
+        assert preds[f"{case}__pred"].dtype == np.uint8 and preds[f"{case}__pred"].max() < 4
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["row_log.txt", "row_results.json",
+                                                                      "row_val_preds.npz"]
     again = _run_experiment(tmp_path, monkeypatch, capsys, overrides, "--eval_tag", "lcc",
                             "--eval_overrides", repr({"keep_largest_component": True}))
     assert "training already done" in again
