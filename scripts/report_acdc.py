@@ -22,6 +22,14 @@ import fire
 import numpy as np
 
 NAMES = {
+    "fias_m65_ref": "FIAS-tiny, 6.5 minutes, default recipe",
+    "fias_m65_ref_s1": "FIAS-tiny, 6.5 minutes, default recipe, seed 1",
+    "fias_m65_ref_s2": "FIAS-tiny, 6.5 minutes, default recipe, seed 2",
+    "fias_m65_ref_s3": "FIAS-tiny, 6.5 minutes, default recipe, seed 3",
+    "fias_m65_bw2": "FIAS-tiny, 6.5 minutes, border_weight 2",
+    "fias_m65_bw2_s1": "FIAS-tiny, 6.5 minutes, border_weight 2, seed 1",
+    "fias_m65_bw2_s2": "FIAS-tiny, 6.5 minutes, border_weight 2, seed 2",
+    "fias_m65_bw2_s3": "FIAS-tiny, 6.5 minutes, border_weight 2, seed 3",
     "fias_m20_fr": "FIAS-tiny, 20 minutes, full-resolution head",
     "fias_m20_fr_s1": "FIAS-tiny, 20 minutes, full-resolution head, seed 1",
     "fias_m20_fr_clip": "FIAS-tiny, 20 minutes, full-resolution head, gradient clipping 1.0",
