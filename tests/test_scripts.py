@@ -1,9 +1,9 @@
 """The experiment script behind the ACDC table (``scripts/run_experiment.py``), on CPU with a tiny network.
 
 * a row trains once and evaluates, and writes its results JSON before its predictions (the JSON marks an
-  evaluated row, the predictions' npz their own completion); ``--eval_tag`` evaluates the same trained model again with other
-  evaluation settings (or the final weights, ``models/last.pt``) into ``<name>_<tag>_results.json`` without
-  training again;
+  evaluated row, the predictions' npz their own completion); ``--eval_tag`` evaluates the same trained model
+  again with other evaluation settings (or the final weights, ``models/last.pt``) into
+  ``<name>_<tag>_results.json`` without training again;
 * a ``None`` override is refused before anything runs (MONAI's bundle CLI would drop it silently).
 
 And the label-resampling ceiling of ``scripts/resolution_ceiling.py`` on a synthetic label.
