@@ -312,6 +312,21 @@ def per_volume_comparison(a: list[dict], b: list[dict]) -> dict[str, tuple[float
     return {c: (float(np.mean(d)), int(sum(x > 0 for x in d)), len(d)) for c, d in diffs.items()}
 
 
+def pooled_comparison(comparisons: list[dict[str, tuple[float, int, int]]]) -> dict[str, tuple[float, list[float], int, int]]:
+    """Several pairs' ``per_volume_comparison`` (one per seed, say) together: for each class, the mean of the
+    pairs' mean differences (each pair weighs the same), those differences, and on how many of all the pairs'
+    volumes the first run is better, out of how many.
+    """
+    if not comparisons:
+        raise ValueError("no comparisons to pool")
+    out = {}
+    for c in comparisons[0]:
+        diffs = [cmp[c][0] for cmp in comparisons]
+        out[c] = (float(np.mean(diffs)), diffs, sum(cmp[c][1] for cmp in comparisons),
+                  sum(cmp[c][2] for cmp in comparisons))
+    return out
+
+
 def _titled_figure(rows: list[np.ndarray], columns: list[str], cases: list[str], zs: list[tuple[int, int]],
                    per_case: dict[str, list[dict]], path: Path, gap: int = 2) -> None:
     """The panels of compare_panel (one row image per case, tiles ``gap`` pixels apart) with what the paper's
@@ -371,7 +386,8 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         tag: appended to the two PNG names (``--tag _minmax`` for the previous recipe's runs).
         confusion: comma-separated run names whose saved volumes' voxel confusion is printed (where each
             run's errors go: ``confusion_table``).
-        versus: comma-separated ``a:b`` pairs of runs compared volume by volume (``per_volume_comparison``).
+        versus: comma-separated ``a:b`` pairs of runs compared volume by volume (``per_volume_comparison``);
+            with several pairs (one change over several seeds), also all of them together (``pooled_comparison``).
         border: comma-separated run names whose myocardium errors are binned by distance to the true
             border (``border_table``).
 
@@ -497,12 +513,19 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     bordered = {n: saved_preds[n] for n in _names(border) if n in saved_preds}
     if bordered:
         print(border_table(bordered, NAMES))
+    comparisons = []
     for pair in _names(versus):
         a, b = pair.split(":")
         rows = [(results.get(n) or _docs_result(out_dir, n)).get("per_case", []) for n in (a, b)]
+        comparisons.append(per_volume_comparison(*rows))
         print(f"{a} against {b}, volume by volume:")
-        for c, (d, better, n) in per_volume_comparison(*rows).items():
+        for c, (d, better, n) in comparisons[-1].items():
             print(f"  {c}: {d:+.2f} Dice points, better on {better} of {n} volumes")
+    if len(comparisons) > 1:  # the same change over several seeds: its mean effect and how often it helped
+        print(f"the {len(comparisons)} pairs together:")
+        for c, (d, each, better, n) in pooled_comparison(comparisons).items():
+            print(f"  {c}: {d:+.2f} Dice points (pairs: {', '.join(f'{x:+.2f}' for x in each)}), "
+                  f"better on {better} of {n} volumes")
 
 
 if __name__ == "__main__":

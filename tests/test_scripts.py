@@ -172,6 +172,15 @@ def test_report_compares_two_runs_volume_by_volume():
     with pytest.raises(ValueError, match="different volumes"):
         report.per_volume_comparison(a, rows({"p1": (0.9, 0.9, 0.9)}))
 
+    # two seeds of the same change: each pair weighs the same, the volume counts add up
+    other = report.per_volume_comparison(b, a)  # the reverse pair: RV 0, MYO +1.5, LV -2.5; better on 1, 1, 0
+    pooled = report.pooled_comparison([cmp, other])
+    assert pooled["MYO"][0] == pytest.approx(0.0) and pooled["MYO"][1] == pytest.approx([-1.5, 1.5])
+    assert pooled["MYO"][2:] == (2, 4) and pooled["LV"][2:] == (1, 4)
+    assert pooled["LV"][0] == pytest.approx(0.0) and pooled["RV"][2:] == (2, 4)
+    with pytest.raises(ValueError, match="no comparisons"):
+        report.pooled_comparison([])
+
 
 def test_report_reads_earlier_rows_from_the_docs_results(tmp_path):
     # --versus and --curve name runs of earlier sessions: their JSONs in the docs' results folder
