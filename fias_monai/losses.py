@@ -77,7 +77,9 @@ class FeatureMixingLoss(_Loss):
     between two labels (:func:`label_border`, ``border_width`` voxels either side) ``1 + border_weight``
     times; the other voxels keep weight 1 and the sum is still divided by the voxel count, so the term only
     grows. It is there to test a measured flaw: FIAS-tiny places the myocardium's outer border on ACDC about a
-    voxel too far out more often than the peers (bundle/docs/README.md); whether it helps is not measured yet.
+    voxel too far out more often than the peers. With ``border_weight`` 2 (ACDC, 6.5 minutes, four seeds;
+    session 16 in bundle/docs/README.md) MYO Dice rose on every seed, by 0.50 on average, and the mean by 0.23,
+    inside the seed spread.
 
     Args:
         lambda_dice: weight of the Dice term (the paper's gamma = 0.4).
