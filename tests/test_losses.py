@@ -1,8 +1,7 @@
 import pytest
 import torch
-from monai.losses import DiceCELoss
-
 import torch.nn.functional as F
+from monai.losses import DiceCELoss
 
 from fias_monai.losses import FeatureMixingLoss, label_border, nonempty_subsets
 
