@@ -5,7 +5,8 @@
 Writes ``results/<name>.json`` (config, commit, GPU, minutes, per-class metrics, validation curve),
 ``acdc_val_curve.png`` (validation mean Dice against training wall-clock time) and
 ``acdc_qualitative.png`` (image, ground truth, FIAS and the peers on a few validation slices), and
-prints the Markdown table. matplotlib draws the curve (a script-only dependency: ``pip install matplotlib``).
+prints the Markdown table. matplotlib draws the curve and the figure (a dependency of this script and the
+tests, not of the package: ``pip install -e ".[test]"`` brings it).
 The curve comes from ``val_history.csv``; for runs made before that file was complete it is parsed from
 the training log's timestamps (trainer start to each "val_mean_dice" line).
 """

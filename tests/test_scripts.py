@@ -6,6 +6,9 @@
   ``<name>_<tag>_results.json`` without training again;
 * a ``None`` override is refused before anything runs (MONAI's bundle CLI would drop it silently).
 
+The ACDC report (``scripts/report_acdc.py``): its comparisons and error tables on small arrays, and the whole
+report on a tiny runs folder (each row's docs JSON, the table, the curve and the qualitative figure).
+
 And the label-resampling ceiling of ``scripts/resolution_ceiling.py`` on a synthetic label.
 """
 
@@ -228,6 +231,56 @@ def test_report_centroid_offset_tells_a_shift_from_a_wider_border():
     row = [line for line in report.border_table({"a": _Npz({"c1__label": label, "c1__pred": shifted})}).splitlines()
            if line.startswith("| MYO centroid offset")]
     assert row == ["| MYO centroid offset, rows / columns (pixels) | +1.00 / +0.00 |"]
+
+
+def _report_row(name: str, mean: float, history: list[tuple[float, float]], cases: list[str]) -> dict:
+    """A results JSON as run_experiment writes it (strings for the metrics, as MONAI's CSV gives them)."""
+    return {"name": name, "gpu": "NVIDIA H100 80GB HBM3", "train_wall_minutes_incl_caching": 2.0,
+            "gpu_util_mean_during_training": 50.0,
+            "summary": [{"class_name": c, "dice": str(d), "hd95": "1.5"}
+                        for c, d in (("RV", mean - 0.01), ("MYO", mean), ("LV", mean + 0.01), ("mean", mean))],
+            "val_history": [{"epoch": i + 1, "time_s": t, "val_mean_dice": d} for i, (t, d) in enumerate(history)],
+            "per_case": [{"case": c, "class_name": k, "dice": str(mean)} for c in cases for k in ("RV", "MYO", "LV")]}
+
+
+def test_report_writes_the_docs_json_table_curve_and_figure_from_a_runs_folder(tmp_path, capsys):
+    # the whole report as the docs' commands run it, on two tiny runs, a re-evaluation and an earlier session's row
+    import matplotlib.pyplot as plt
+
+    report = _load_script("report_acdc")
+    runs, out = tmp_path / "runs", tmp_path / "docs"
+    runs.mkdir()
+    (out / "results").mkdir(parents=True)
+    cases = ["p1_frame01", "p2_frame01"]
+    rng = np.random.default_rng(0)
+    label = np.zeros((24, 24, 3), np.uint8)
+    label[6:18, 6:18, 1:] = 2
+    label[9:15, 9:15, 1:] = 3
+    for name, mean, history in (("a", 0.9123, [(30, 0.5), (60, 0.1), (90, 0.91)]), ("b", 0.8, [(30, 0.6), (90, 0.8)])):
+        (runs / f"{name}_results.json").write_text(json.dumps(_report_row(name, mean, history, cases)))
+        (runs / f"{name}_log.txt").write_text("".join(f"x - Epoch[{e}] Complete. Time taken\n" for e in (1, 2, 3)))
+        np.savez(runs / f"{name}_val_preds.npz", **{f"{c}__{k}": v for c in cases for k, v in (
+            ("image", rng.random(label.shape, np.float32)), ("label", label), ("pred", np.roll(label, 1, axis=0)))})
+    # a re-evaluation (run_experiment --eval_tag last) has no log of its own: it shares its training's
+    (runs / "a_last_results.json").write_text(json.dumps(_report_row("a_last", 0.9, [], cases)))
+    (out / "results" / "old.json").write_text(json.dumps(_report_row("old", 0.85, [(20, 0.85)], cases)))
+
+    report.main(runs=str(runs), out=str(out), curve="a,b,old,missing", figure="a,b", tag="_t", versus="a:b")
+    printed = capsys.readouterr().out
+    assert "| a | 91.23 | 90.23 | 91.23 | 92.23 | 1.50 | 3 | 2.0 | NVIDIA H100 80GB HBM3 |" in printed.splitlines()
+    assert "  a: first val mean Dice >= 0.90 at 1.5 min; GPU utilisation 50.0 %" in printed.splitlines()
+    assert "  b: first val mean Dice >= 0.90 at never; GPU utilisation 50.0 %" in printed.splitlines()
+    assert "| a_last | 90.00 |" in printed  # the re-evaluation is a row of its own, its epochs from a's log
+    assert "  mean: +11.23 Dice points, better on 2 of 2 volumes" in printed
+    written = json.loads((out / "results" / "a.json").read_text())
+    assert written["epochs_trained"] == 3 and [r["val_mean_dice"] for r in written["val_history"]] == [0.5, 0.1, 0.91]
+    assert json.loads((out / "results" / "a_last.json").read_text())["epochs_trained"] == 3
+    # the curve: 6 x 4 inches at 120 dpi; the figure: two rows (cases) of four tiles, the panels' files removed
+    assert plt.imread(out / "acdc_val_curve_t.png").shape == (480, 720, 4)
+    figure = plt.imread(out / "acdc_qualitative_t.png")
+    assert figure.shape[0] > 300 and figure.shape[1] > 4 * 100 and figure[..., :3].std() > 0.05
+    assert sorted(p.name for p in out.iterdir()) == ["acdc_qualitative_t.png", "acdc_val_curve_t.png", "results"]
+    assert "qualitative columns: image, ground truth, a, b ; cases ['p1_frame01', 'p2_frame01']" in printed
 
 
 class _Npz(dict):
