@@ -313,7 +313,8 @@ def per_volume_comparison(a: list[dict], b: list[dict]) -> dict[str, tuple[float
     return {c: (float(np.mean(d)), int(sum(x > 0 for x in d)), len(d)) for c, d in diffs.items()}
 
 
-def pooled_comparison(comparisons: list[dict[str, tuple[float, int, int]]]) -> dict[str, tuple[float, list[float], int, int]]:
+def pooled_comparison(
+        comparisons: list[dict[str, tuple[float, int, int]]]) -> dict[str, tuple[float, list[float], int, int]]:
     """Several pairs' ``per_volume_comparison`` (one per seed, say) together: for each class, the mean of the
     pairs' mean differences (each pair weighs the same), those differences, and on how many of all the pairs'
     volumes the first run is better, out of how many.
