@@ -73,7 +73,9 @@ def test_merged_config_ids_without_process_group():
     init, train_init = parser["initialize"], ConfigParser.load_config_file(TRAIN)["initialize"]
     assert init[: len(train_init)] == train_init
     assert any("init_process_group" in x and "gloo" in x and "nccl" in x for x in init)
-    assert any("destroy_process_group" in x for x in parser["finalize"])
+    # the group goes through the helper that waits out gloo's worker threads (pytorch/pytorch#190489)
+    assert parser["finalize"][-1] == "$fias_monai.utils.destroy_process_group()"
+    assert "$import fias_monai.utils" in parser["imports"]
     assert "NVLS" not in MULTI.read_text()  # never touch NVLink multicast
     # the device needs no process group (LOCAL_RANK) and is the CPU here
     if not torch.cuda.is_available():
@@ -188,6 +190,19 @@ def test_metric_all_gather_and_rank0_writes(tmp_path):
     assert r0["rank0_value"] == r1["rank0_value"] == 10.0
     assert (tmp_path / "model_rank0.pt").is_file() and not (tmp_path / "model_rank1.pt").exists()
     assert (tmp_path / "ckpt_rank0" / "last.pt").is_file() and not (tmp_path / "ckpt_rank1" / "last.pt").exists()
+
+
+def test_destroy_process_group_waits_after_gloo_and_is_a_no_op_without_a_group(tmp_path):
+    from fias_monai.utils import destroy_process_group
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    t0 = time.perf_counter()
+    destroy_process_group(linger_s=0.3)
+    assert not dist.is_initialized()
+    assert time.perf_counter() - t0 >= 0.3  # gloo: the wait that lets its worker threads finish
+    t0 = time.perf_counter()
+    destroy_process_group(linger_s=5.0)  # nothing to destroy: returns at once, does not raise
+    assert time.perf_counter() - t0 < 1.0
 
 
 # ----------------------------------------------------------------------------------------------
