@@ -54,12 +54,14 @@ def bundle_cli_args(overrides: dict) -> list[str]:
 def destroy_process_group(linger_s: float = 0.2) -> None:
     """Destroy the default process group, if there is one; with gloo, then wait ``linger_s`` seconds.
 
-    Why the wait: under DDP, gloo's worker threads outlive ``torch.distributed.destroy_process_group``
-    (the DDP reducer keeps the backend alive, in C++, torch 2.14). A worker that releases a finished
-    collective after the interpreter has begun to shut down takes the GIL and the process aborts with
-    "terminate called without an active exception" (pytorch/pytorch#190489), after training and saving
-    went well. Two gloo ranks on a busy 2-core machine aborted so in 11 of 60 runs; with a 0.2 s wait
-    after the destroy, in 0 of 60. NCCL needs no wait; ``linger_s=0`` skips it.
+    Why the wait: once a DDP wrapper has been built, gloo's worker threads outlive
+    ``torch.distributed.destroy_process_group`` (torch 2.14 keeps the backend alive in C++; they stay
+    after the wrapper is deleted and collected, too), so they cannot be joined before exit. A worker
+    that releases a finished collective after the interpreter has begun to shut down takes the GIL, and
+    the process aborts with "terminate called without an active exception" (pytorch/pytorch#190489)
+    after training and saving went well. Two gloo ranks on a busy 2-core machine aborted so in 11 of
+    60 runs; with a 0.2 s wait after the destroy, in 0 of 60. NCCL needs no wait; ``linger_s=0`` skips
+    it.
     """
     import torch.distributed as dist
 
