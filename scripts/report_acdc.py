@@ -31,6 +31,11 @@ NAMES = {
     "fias_m65_bw2_s1": "FIAS-tiny, 6.5 minutes, border_weight 2, seed 1",
     "fias_m65_bw2_s2": "FIAS-tiny, 6.5 minutes, border_weight 2, seed 2",
     "fias_m65_bw2_s3": "FIAS-tiny, 6.5 minutes, border_weight 2, seed 3",
+    "fias_m20_fr_clip_s1": "FIAS-tiny, 20 minutes, full-resolution head, gradient clipping 1.0, seed 1",
+    "fias_m20_fr_clip_s2": "FIAS-tiny, 20 minutes, full-resolution head, gradient clipping 1.0, seed 2",
+    "fias_m20_fr_clip_bw2": "FIAS-tiny, 20 minutes, full-resolution head, gradient clipping 1.0, border_weight 2",
+    "fias_m20_fr_clip_bw2_s1":
+        "FIAS-tiny, 20 minutes, full-resolution head, gradient clipping 1.0, border_weight 2, seed 1",
     "fias_m20_fr": "FIAS-tiny, 20 minutes, full-resolution head",
     "fias_m20_fr_s1": "FIAS-tiny, 20 minutes, full-resolution head, seed 1",
     "fias_m20_fr_clip": "FIAS-tiny, 20 minutes, full-resolution head, gradient clipping 1.0",
@@ -479,10 +484,17 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         ax.annotate(f"{values} at {when} min (off the axis)", (anchor, floor + 0.4), xytext=(dx, 2),
                     textcoords="offset points", ha=ha, fontsize=7)
     ax.grid(alpha=0.3)
-    # with one collapse marked at the bottom, the legend sits just above its note; a run with several points off
-    # the axis (a slow start) rises through that corner, so matplotlib picks the emptiest place instead
-    one_each = len(collapsed) == len({n for n, _ in collapsed})
-    ax.legend(fontsize=8, **({"loc": "lower right", "bbox_to_anchor": (1, 0.06)} if collapsed and one_each else {}))
+    if len(drawn) > 4:
+        # more long labels than an empty corner holds would cover the curves' early minutes, dips included:
+        # the legend goes under the axes, and the figure grows by its height
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+        fig.set_size_inches(6, 4 + 0.16 * len(drawn))
+    else:
+        # with one collapse marked at the bottom, the legend sits just above its note; a run with several points
+        # off the axis (a slow start) rises through that corner, so matplotlib picks the emptiest place instead
+        one_each = len(collapsed) == len({n for n, _ in collapsed})
+        above_note = {"loc": "lower right", "bbox_to_anchor": (1, 0.06)} if collapsed and one_each else {}
+        ax.legend(fontsize=8, **above_note)
     fig.tight_layout()
     fig.savefig(out_dir / f"acdc_val_curve{tag}.png")
 

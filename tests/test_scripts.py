@@ -282,6 +282,13 @@ def test_report_writes_the_docs_json_table_curve_and_figure_from_a_runs_folder(t
     assert sorted(p.name for p in out.iterdir()) == ["acdc_qualitative_t.png", "acdc_val_curve_t.png", "results"]
     assert "qualitative columns: image, ground truth, a, b ; cases ['p1_frame01', 'p2_frame01']" in printed
 
+    # five runs' long labels would cover the curves: the legend goes under the axes and the figure grows by 0.8 inch
+    for name in "cde":
+        (runs / f"{name}_results.json").write_text(json.dumps(_report_row(name, 0.9, [(30, 0.8), (90, 0.9)], cases)))
+        (runs / f"{name}_log.txt").write_text("x - Epoch[1] Complete. Time taken\n")
+    report.main(runs=str(runs), out=str(out), curve="a,b,c,d,e", figure="", tag="_five")
+    assert plt.imread(out / "acdc_val_curve_five.png").shape == (576, 720, 4)
+
 
 class _Npz(dict):
     """The mapping part of np.load's NpzFile that confusion_table reads."""
