@@ -293,6 +293,39 @@ def border_table(preds: dict[str, dict], names: dict[str, str] | None = None) ->
     return "\n".join(lines)
 
 
+def slice_position_table(preds: dict[str, dict], names: dict[str, str] | None = None) -> str:
+    """Markdown table of each class's Dice by position along the stack, summed over the volumes every run
+    saved: per volume, the slices that hold the class in the ground truth are cut into a first, a middle
+    and a last third (the middle takes the remainder), and each part's voxels are pooled over the volumes
+    into one Dice. ACDC's short-axis stacks run from the base (first slices) to the apex. Slices without
+    the class in the ground truth are left out, so false positives beyond the ends are not counted here
+    (``border_table`` counts MYO's). ``preds``: run name -> its ``_val_preds.npz``.
+    """
+    names = names or {}
+    cases = _common_cases(preds)
+    parts = ("first third", "middle third", "last third")
+    lines = [f"Dice (%) of the voxels pooled over {len(cases)} volumes, by third of the slices holding the class",
+             "| class, slices | " + " | ".join(names.get(n, n) for n in preds) + " |", "|---|" + "---:|" * len(preds)]
+    for cls in CLASSES[1:]:
+        value = CLASSES.index(cls)
+        overlap = {n: np.zeros(len(parts)) for n in preds}
+        total = {n: np.zeros(len(parts)) for n in preds}
+        for case in cases:
+            label = next(iter(preds.values()))[f"{case}__label"] == value  # the same ground truth in every run
+            held = np.flatnonzero(label.reshape(-1, label.shape[-1]).any(axis=0))
+            third = len(held) // 3
+            slices = (held[:third], held[third:len(held) - third], held[len(held) - third:])
+            for n, p in preds.items():
+                pred = p[f"{case}__pred"] == value
+                for i, zs in enumerate(slices):
+                    overlap[n][i] += 2 * np.count_nonzero(pred[..., zs] & label[..., zs])
+                    total[n][i] += np.count_nonzero(pred[..., zs]) + np.count_nonzero(label[..., zs])
+        for i, part in enumerate(parts):
+            lines.append(f"| {cls}, {part} | " + " | ".join(
+                f"{100 * overlap[n][i] / total[n][i]:.2f}" if total[n][i] else "n/a" for n in preds) + " |")
+    return "\n".join(lines)
+
+
 def per_volume_comparison(a: list[dict], b: list[dict]) -> dict[str, tuple[float, int, int]]:
     """How run ``a`` does against run ``b`` volume by volume, from their ``per_case`` rows (one per volume and
     class, ``dice`` in [0, 1]): for each class, and for the volume's mean over the classes, the mean
@@ -382,7 +415,7 @@ def _docs_result(out_dir: Path, name: str) -> dict:
 
 def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CURVE_RUNS,
          figure: str = FIGURE_RUNS, cases: str | None = None, tag: str = "", confusion: str = "",
-         versus: str = "", border: str = "") -> None:
+         versus: str = "", border: str = "", positions: str = "") -> None:
     """Args:
         runs: folder of run_experiment outputs (``<name>_log.txt``, ``_results.json``, ``_val_preds.npz``).
         out: the bundle's docs folder.
@@ -397,6 +430,8 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
             with several pairs (one change over several seeds), also all of them together (``pooled_comparison``).
         border: comma-separated run names whose myocardium errors are binned by distance to the true
             border (``border_table``).
+        positions: comma-separated run names whose Dice is split by position along the stack, first, middle
+            and last third of each class's slices (``slice_position_table``).
 
     Curve and ``versus`` runs missing from ``runs`` are read from their JSONs in ``out``/results (earlier
     sessions' rows).
@@ -498,8 +533,9 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     fig.tight_layout()
     fig.savefig(out_dir / f"acdc_val_curve{tag}.png")
 
-    # each run's saved predictions opened once, for the figure, the confusion and the border tables alike
-    saved_preds = {n: np.load(runs_dir / f"{n}_val_preds.npz") for n in {*_names(figure), *_names(confusion), *_names(border)}
+    # each run's saved predictions opened once, for the figure and the confusion, border and position tables alike
+    saved_preds = {n: np.load(runs_dir / f"{n}_val_preds.npz")
+                   for n in {*_names(figure), *_names(confusion), *_names(border), *_names(positions)}
                    if (runs_dir / f"{n}_val_preds.npz").exists()}
     order = [n for n in _names(figure) if n in saved_preds]
     if order:
@@ -527,6 +563,9 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     bordered = {n: saved_preds[n] for n in _names(border) if n in saved_preds}
     if bordered:
         print(border_table(bordered, NAMES))
+    positioned = {n: saved_preds[n] for n in _names(positions) if n in saved_preds}
+    if positioned:
+        print(slice_position_table(positioned, NAMES))
     comparisons = []
     for pair in _names(versus):
         a, b = pair.split(":")

@@ -233,6 +233,28 @@ def test_report_centroid_offset_tells_a_shift_from_a_wider_border():
     assert row == ["| MYO centroid offset, rows / columns (pixels) | +1.00 / +0.00 |"]
 
 
+def test_report_splits_each_class_dice_by_third_of_the_slices_holding_it():
+    report = _load_script("report_acdc")
+    # 2x2 pixels per slice, 8 slices: MYO on slices 1-7 (thirds: 1-2, 3-5, 6-7), LV only on slice 0 (one slice:
+    # all of it in the middle third), RV nowhere
+    label = np.zeros((2, 2, 8), np.uint8)
+    label[..., 1:] = 2
+    label[..., 0] = 3
+    pred = label.copy()
+    pred[..., 6:] = 0  # the last third of MYO missed entirely
+    pred[0, :, 3] = 0  # half of one middle slice missed: 2 x 10 / (10 + 12) in the middle third
+    pred[..., 0] = 2  # LV called MYO: slice 0 holds no MYO, so that false positive is outside MYO's thirds
+    perfect = _Npz({"c1__label": label, "c1__pred": label})
+    lines = report.slice_position_table({"a": _Npz({"c1__label": label, "c1__pred": pred}), "b": perfect},
+                                        {"a": "run A"}).splitlines()
+    assert lines[1] == "| class, slices | run A | b |"
+    assert "| MYO, first third | 100.00 | 100.00 |" in lines
+    assert "| MYO, middle third | 90.91 | 100.00 |" in lines
+    assert "| MYO, last third | 0.00 | 100.00 |" in lines
+    assert "| LV, middle third | 0.00 | 100.00 |" in lines and "| LV, first third | n/a | n/a |" in lines
+    assert "| RV, middle third | n/a | n/a |" in lines
+
+
 def _report_row(name: str, mean: float, history: list[tuple[float, float]], cases: list[str]) -> dict:
     """A results JSON as run_experiment writes it (strings for the metrics, as MONAI's CSV gives them)."""
     return {"name": name, "gpu": "NVIDIA H100 80GB HBM3", "train_wall_minutes_incl_caching": 2.0,
