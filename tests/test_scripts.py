@@ -287,13 +287,15 @@ def test_report_writes_the_docs_json_table_curve_and_figure_from_a_runs_folder(t
     (runs / "a_last_results.json").write_text(json.dumps(_report_row("a_last", 0.9, [], cases)))
     (out / "results" / "old.json").write_text(json.dumps(_report_row("old", 0.85, [(20, 0.85)], cases)))
 
-    report.main(runs=str(runs), out=str(out), curve="a,b,old,missing", figure="a,b", tag="_t", versus="a:b")
+    report.main(runs=str(runs), out=str(out), curve="a,b,old,missing", figure="a,b", tag="_t", versus="a:b",
+                positions="b")
     printed = capsys.readouterr().out
     assert "| a | 91.23 | 90.23 | 91.23 | 92.23 | 1.50 | 3 | 2.0 | NVIDIA H100 80GB HBM3 |" in printed.splitlines()
     assert "  a: first val mean Dice >= 0.90 at 1.5 min; GPU utilisation 50.0 %" in printed.splitlines()
     assert "  b: first val mean Dice >= 0.90 at never; GPU utilisation 50.0 %" in printed.splitlines()
     assert "| a_last | 90.00 |" in printed  # the re-evaluation is a row of its own, its epochs from a's log
     assert "  mean: +11.23 Dice points, better on 2 of 2 volumes" in printed
+    assert "| class, slices | b |" in printed and "| RV, first third | n/a |" in printed  # --positions
     written = json.loads((out / "results" / "a.json").read_text())
     assert written["epochs_trained"] == 3 and [r["val_mean_dice"] for r in written["val_history"]] == [0.5, 0.1, 0.91]
     assert json.loads((out / "results" / "a_last.json").read_text())["epochs_trained"] == 3
