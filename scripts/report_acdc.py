@@ -306,20 +306,26 @@ def slice_position_table(preds: dict[str, dict], names: dict[str, str] | None = 
     parts = ("first third", "middle third", "last third")
     lines = [f"Dice (%) of the voxels pooled over {len(cases)} volumes, by third of the slices holding the class",
              "| class, slices | " + " | ".join(names.get(n, n) for n in preds) + " |", "|---|" + "---:|" * len(preds)]
+    # every array read once (each NpzFile lookup reads it from the file again), as in border_table; the ground
+    # truth from the first run only: it is the same in every run
+    labels = [next(iter(preds.values()))[f"{c}__label"] for c in cases]
+    volumes = {n: [p[f"{c}__pred"] for c in cases] for n, p in preds.items()}
     for cls in CLASSES[1:]:
         value = CLASSES.index(cls)
         overlap = {n: np.zeros(len(parts)) for n in preds}
         total = {n: np.zeros(len(parts)) for n in preds}
-        for case in cases:
-            label = next(iter(preds.values()))[f"{case}__label"] == value  # the same ground truth in every run
+        for k, label_map in enumerate(labels):
+            label = label_map == value
             held = np.flatnonzero(label.reshape(-1, label.shape[-1]).any(axis=0))
             third = len(held) // 3
             slices = (held[:third], held[third:len(held) - third], held[len(held) - third:])
-            for n, p in preds.items():
-                pred = p[f"{case}__pred"] == value
-                for i, zs in enumerate(slices):
-                    overlap[n][i] += 2 * np.count_nonzero(pred[..., zs] & label[..., zs])
-                    total[n][i] += np.count_nonzero(pred[..., zs]) + np.count_nonzero(label[..., zs])
+            label_parts = [label[..., zs] for zs in slices]  # cut once per volume, not once per run
+            for n, run_preds in volumes.items():
+                pred = run_preds[k] == value
+                for i, (zs, label_part) in enumerate(zip(slices, label_parts)):
+                    pred_part = pred[..., zs]
+                    overlap[n][i] += 2 * np.count_nonzero(pred_part & label_part)
+                    total[n][i] += np.count_nonzero(pred_part) + np.count_nonzero(label_part)
         for i, part in enumerate(parts):
             lines.append(f"| {cls}, {part} | " + " | ".join(
                 f"{100 * overlap[n][i] / total[n][i]:.2f}" if total[n][i] else "n/a" for n in preds) + " |")
