@@ -1,14 +1,17 @@
-"""Test-time flips: ``fias_monai.inferers.FlipAveragingInferer``."""
+"""Test-time flips: ``fias_monai.inferers.FlipAveragingInferer`` and the bundle switch that turns them on."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from monai.inferers import SimpleInferer, SliceInferer
 
 from fias_monai.inferers import FlipAveragingInferer, flip_combinations
+
+CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
 
 
 class LeftHalfNet(torch.nn.Module):
@@ -99,3 +102,20 @@ def test_bad_flips_raise_before_any_forward_pass():
     assert calls == []
     with pytest.raises(ValueError, match="empty flip"):
         FlipAveragingInferer(SimpleInferer(), [[0], []])
+
+
+@pytest.mark.parametrize("value, n_flips", [(False, 0), (True, 3), ("True", 3), ("false", 0)])
+def test_test_time_flips_is_one_switch_for_validation_evaluation_and_inference(value, n_flips):
+    from monai.bundle import ConfigParser
+
+    pipelines = {"validation": [CONFIGS / "train.json", CONFIGS / "acdc.json"],
+                 "evaluation": [CONFIGS / "train.json", CONFIGS / "acdc.json", CONFIGS / "evaluate.json"],
+                 "inference": [CONFIGS / "inference.json", CONFIGS / "acdc.json"]}
+    for name, configs in pipelines.items():
+        parser = ConfigParser()
+        parser.read_config([str(c) for c in configs])
+        parser.update({"test_time_flips": value})
+        inferer = parser.get_parsed_content("inferer" if name == "inference" else "validate#inferer")
+        assert isinstance(inferer, FlipAveragingInferer), name
+        assert isinstance(inferer.inferer, SliceInferer), name
+        assert inferer.flips == flip_combinations([0, 1])[:n_flips], name
