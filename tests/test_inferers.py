@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,18 +107,31 @@ def test_bad_flips_raise_before_any_forward_pass():
         FlipAveragingInferer(SimpleInferer(), [[0], []])
 
 
-@pytest.mark.parametrize("value, n_flips", [(False, 0), (True, 3), ("True", 3), ("false", 0)])
-def test_test_time_flips_is_one_switch_for_validation_evaluation_and_inference(value, n_flips):
-    from monai.bundle import ConfigParser
-
-    pipelines = {"validation": [CONFIGS / "train.json", CONFIGS / "acdc.json"],
-                 "evaluation": [CONFIGS / "train.json", CONFIGS / "acdc.json", CONFIGS / "evaluate.json"],
-                 "inference": [CONFIGS / "inference.json", CONFIGS / "acdc.json"]}
-    for name, configs in pipelines.items():
+def test_test_time_flips_is_one_switch_for_validation_evaluation_and_inference():
+    # in a fresh interpreter: the configs must import what they name themselves (this module's imports would hide
+    # a missing one, as they did once)
+    code = f"""
+import json
+from monai.bundle import ConfigParser
+c = {str(CONFIGS)!r}
+pipelines = {{"validation": ([c + "/train.json", c + "/acdc.json"], "validate#inferer"),
+             "evaluation": ([c + "/train.json", c + "/acdc.json", c + "/evaluate.json"], "validate#inferer"),
+             "inference": ([c + "/inference.json", c + "/acdc.json"], "inferer")}}
+out = {{}}
+for value in (True, False, "True", "false"):  # True first: the expression needs the import itself
+    for name, (configs, key) in pipelines.items():
         parser = ConfigParser()
-        parser.read_config([str(c) for c in configs])
-        parser.update({"test_time_flips": value})
-        inferer = parser.get_parsed_content("inferer" if name == "inference" else "validate#inferer")
-        assert isinstance(inferer, FlipAveragingInferer), name
-        assert isinstance(inferer.inferer, SliceInferer), name
-        assert inferer.flips == flip_combinations([0, 1])[:n_flips], name
+        parser.read_config(configs)
+        parser.update({{"test_time_flips": value}})
+        inferer = parser.get_parsed_content(key)
+        out[f"{{value!r}} {{name}}"] = [type(inferer).__name__, type(inferer.inferer).__name__, inferer.flips]
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=CONFIGS.parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out) == 12
+    for key, (kind, inner, flips) in out.items():
+        on = key.split()[0] in ("True", "'True'")
+        assert (kind, inner) == ("FlipAveragingInferer", "SliceInferer"), key
+        assert flips == ([[0], [1], [0, 1]] if on else []), key
