@@ -23,6 +23,14 @@ import fire
 import numpy as np
 
 NAMES = {
+    "fias_m12_fr_clip": "FIAS-tiny, 12 minutes, full-resolution head, gradient clipping 1.0",
+    "fias_m12_fr_clip_s1": "FIAS-tiny, 12 minutes, full-resolution head, gradient clipping 1.0, seed 1",
+    "swinunetr_m12": "MONAI SwinUNETR-2D, 12-minute budget",
+    "basicunet_m12": "MONAI BasicUNet, 12-minute budget",
+    "fias_m12_fr_clip_tta": "FIAS-tiny, 12 minutes, head, clipping, test-time flips",
+    "fias_m12_fr_clip_s1_tta": "FIAS-tiny, 12 minutes, head, clipping, seed 1, test-time flips",
+    "swinunetr_m12_tta": "MONAI SwinUNETR-2D, 12 minutes, test-time flips",
+    "basicunet_m12_tta": "MONAI BasicUNet, 12 minutes, test-time flips",
     "fias_m65_ref": "FIAS-tiny, 6.5 minutes, default recipe",
     "fias_m65_ref_s1": "FIAS-tiny, 6.5 minutes, default recipe, seed 1",
     "fias_m65_ref_s2": "FIAS-tiny, 6.5 minutes, default recipe, seed 2",
