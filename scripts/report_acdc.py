@@ -340,6 +340,51 @@ def slice_position_table(preds: dict[str, dict], names: dict[str, str] | None = 
     return "\n".join(lines)
 
 
+def missed_slice_table(preds: dict[str, dict], names: dict[str, str] | None = None) -> str:
+    """Markdown table of whole slices a run leaves without a class the ground truth has there, over the volumes
+    every run saved: per class the number of such slices (and whether each is the first or the last slice
+    holding the class, or one in between) and the ground-truth voxels on them; the slices left with no
+    foreground at all though the ground truth has some; and the protocol's mean Dice as predicted and with
+    those slices right (each missed slice's class voxels given their class, the rest unchanged), which
+    bounds what finding the class on every slice would gain. ``preds``: run name -> its ``_val_preds.npz``.
+    """
+    from fias_monai.metrics import case_dice
+
+    names = names or {}
+    cases = _common_cases(preds)
+    labels = [next(iter(preds.values()))[f"{c}__label"] for c in cases]  # the same in every run
+    rows: dict[str, dict[str, str]] = {}
+    for n, run_preds in preds.items():
+        missed = {cls: [0, 0, 0, 0] for cls in CLASSES[1:]}  # first, in between, last; voxels
+        blank = 0
+        dice_as_is, dice_fixed = [], []
+        for case, label in zip(cases, labels):
+            pred = run_preds[f"{case}__pred"]
+            fixed = pred.copy()
+            blank += int(np.count_nonzero((label > 0).any(axis=(0, 1)) & ~(pred > 0).any(axis=(0, 1))))
+            for cls in CLASSES[1:]:
+                value = CLASSES.index(cls)
+                held = np.flatnonzero((label == value).any(axis=(0, 1)))
+                for z in held[~(pred[..., held] == value).any(axis=(0, 1))]:
+                    missed[cls][0 if z == held[0] else 2 if z == held[-1] else 1] += 1
+                    truth = label[..., z] == value
+                    missed[cls][3] += int(np.count_nonzero(truth))
+                    fixed[..., z][truth] = value
+            dice_as_is.append(list(case_dice(pred, label, len(CLASSES)).values()))
+            dice_fixed.append(list(case_dice(fixed, label, len(CLASSES)).values()))
+        rows[n] = {f"{cls}, slices missed (first / in between / last)": f"{sum(m[:3])} ({m[0]} / {m[1]} / {m[2]})"
+                   for cls, m in missed.items()}
+        rows[n].update({f"{cls}, its voxels on them": str(m[3]) for cls, m in missed.items()})
+        rows[n]["slices with foreground left blank"] = str(blank)
+        rows[n]["mean Dice (%) as predicted"] = f"{100 * np.mean(dice_as_is):.2f}"
+        rows[n]["mean Dice (%) with the missed slices right"] = f"{100 * np.mean(dice_fixed):.2f}"
+    lines = [f"whole slices without a class the ground truth has there, over {len(cases)} volumes",
+             "| | " + " | ".join(names.get(n, n) for n in preds) + " |", "|---|" + "---:|" * len(preds)]
+    for key in next(iter(rows.values())):
+        lines.append(f"| {key} | " + " | ".join(rows[n][key] for n in preds) + " |")
+    return "\n".join(lines)
+
+
 def per_volume_comparison(a: list[dict], b: list[dict]) -> dict[str, tuple[float, int, int]]:
     """How run ``a`` does against run ``b`` volume by volume, from their ``per_case`` rows (one per volume and
     class, ``dice`` in [0, 1]): for each class, and for the volume's mean over the classes, the mean
@@ -429,7 +474,7 @@ def _docs_result(out_dir: Path, name: str) -> dict:
 
 def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CURVE_RUNS,
          figure: str = FIGURE_RUNS, cases: str | None = None, tag: str = "", confusion: str = "",
-         versus: str = "", border: str = "", positions: str = "") -> None:
+         versus: str = "", border: str = "", positions: str = "", missed: str = "") -> None:
     """Args:
         runs: folder of run_experiment outputs (``<name>_log.txt``, ``_results.json``, ``_val_preds.npz``).
         out: the bundle's docs folder.
@@ -446,6 +491,7 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
             border (``border_table``).
         positions: comma-separated run names whose Dice is split by position along the stack, first, middle
             and last third of each class's slices (``slice_position_table``).
+        missed: comma-separated run names whose whole-slice misses are counted (``missed_slice_table``).
 
     Curve and ``versus`` runs missing from ``runs`` are read from their JSONs in ``out``/results (earlier
     sessions' rows).
@@ -549,7 +595,7 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
 
     # each run's saved predictions opened once, for the figure and the confusion, border and position tables alike
     saved_preds = {n: np.load(runs_dir / f"{n}_val_preds.npz")
-                   for n in {*_names(figure), *_names(confusion), *_names(border), *_names(positions)}
+                   for n in {*_names(figure), *_names(confusion), *_names(border), *_names(positions), *_names(missed)}
                    if (runs_dir / f"{n}_val_preds.npz").exists()}
     order = [n for n in _names(figure) if n in saved_preds]
     if order:
@@ -580,6 +626,9 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     positioned = {n: saved_preds[n] for n in _names(positions) if n in saved_preds}
     if positioned:
         print(slice_position_table(positioned, NAMES))
+    skipped = {n: saved_preds[n] for n in _names(missed) if n in saved_preds}
+    if skipped:
+        print(missed_slice_table(skipped, NAMES))
     comparisons = []
     for pair in _names(versus):
         a, b = pair.split(":")

@@ -255,6 +255,33 @@ def test_report_splits_each_class_dice_by_third_of_the_slices_holding_it():
     assert "| RV, middle third | n/a | n/a |" in lines
 
 
+def test_report_counts_whole_slices_missed_and_the_dice_with_them_right():
+    report = _load_script("report_acdc")
+    # 4x4 pixels, 7 slices: MYO on row 0 of slices 0-5, LV on [2:4, 2:4] of slices 0-4, RV on row 1, columns 0-1,
+    # of slices 1-3; slice 6 empty in the ground truth and the prediction alike (not a blank left by the run)
+    label = np.zeros((4, 4, 7), np.uint8)
+    label[0, :, :6] = 2
+    label[2:4, 2:4, :5] = 3
+    label[1, 0:2, 1:4] = 1
+    pred = label.copy()
+    pred[..., 4][pred[..., 4] == 3] = 0  # LV's last slice missed (4 voxels)
+    pred[..., 2][pred[..., 2] == 3] = 0  # and one in between (4 voxels)
+    pred[..., 5] = 0  # the last slice blank: MYO's last slice missed (4 voxels)
+    pred[1, 0:2, 1] = 2  # RV's first slice called MYO (2 voxels); the slice keeps foreground
+    pred[1, 3, 0] = 3  # one false LV voxel, on no missed slice: it stays when the missed slices are put right
+    lines = report.missed_slice_table({"a": _Npz({"c1__label": label, "c1__pred": pred}),
+                                       "b": _Npz({"c1__label": label, "c1__pred": label})}, {"a": "run A"}).splitlines()
+    assert lines[1] == "| | run A | b |"
+    assert "| RV, slices missed (first / in between / last) | 1 (1 / 0 / 0) | 0 (0 / 0 / 0) |" in lines
+    assert "| MYO, slices missed (first / in between / last) | 1 (0 / 0 / 1) | 0 (0 / 0 / 0) |" in lines
+    assert "| LV, slices missed (first / in between / last) | 2 (0 / 1 / 1) | 0 (0 / 0 / 0) |" in lines
+    assert "| RV, its voxels on them | 2 | 0 |" in lines and "| LV, its voxels on them | 8 | 0 |" in lines
+    assert "| slices with foreground left blank | 1 | 0 |" in lines
+    # as predicted: RV 2*4/(6+4), MYO 2*20/(24+22), LV 2*12/(20+13); put right: RV 1, MYO 1, LV 2*20/(20+21)
+    assert "| mean Dice (%) as predicted | 79.89 | 100.00 |" in lines
+    assert "| mean Dice (%) with the missed slices right | 99.19 | 100.00 |" in lines
+
+
 def _report_row(name: str, mean: float, history: list[tuple[float, float]], cases: list[str]) -> dict:
     """A results JSON as run_experiment writes it (strings for the metrics, as MONAI's CSV gives them)."""
     return {"name": name, "gpu": "NVIDIA H100 80GB HBM3", "train_wall_minutes_incl_caching": 2.0,
@@ -288,7 +315,7 @@ def test_report_writes_the_docs_json_table_curve_and_figure_from_a_runs_folder(t
     (out / "results" / "old.json").write_text(json.dumps(_report_row("old", 0.85, [(20, 0.85)], cases)))
 
     report.main(runs=str(runs), out=str(out), curve="a,b,old,missing", figure="a,b", tag="_t", versus="a:b",
-                positions="b")
+                positions="b", missed="a")
     printed = capsys.readouterr().out
     assert "| a | 91.23 | 90.23 | 91.23 | 92.23 | 1.50 | 3 | 2.0 | NVIDIA H100 80GB HBM3 |" in printed.splitlines()
     assert "  a: first val mean Dice >= 0.90 at 1.5 min; GPU utilisation 50.0 %" in printed.splitlines()
@@ -296,6 +323,7 @@ def test_report_writes_the_docs_json_table_curve_and_figure_from_a_runs_folder(t
     assert "| a_last | 90.00 |" in printed  # the re-evaluation is a row of its own, its epochs from a's log
     assert "  mean: +11.23 Dice points, better on 2 of 2 volumes" in printed
     assert "| class, slices | b |" in printed and "| RV, first third | n/a |" in printed  # --positions
+    assert "| | a |" in printed and "| slices with foreground left blank | 0 |" in printed  # --missed
     written = json.loads((out / "results" / "a.json").read_text())
     assert written["epochs_trained"] == 3 and [r["val_mean_dice"] for r in written["val_history"]] == [0.5, 0.1, 0.91]
     assert json.loads((out / "results" / "a_last.json").read_text())["epochs_trained"] == 3
