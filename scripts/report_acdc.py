@@ -346,8 +346,14 @@ def missed_slice_table(preds: dict[str, dict], names: dict[str, str] | None = No
     holding the class, or one in between) and the ground-truth voxels on them; the slices left with no
     foreground at all though the ground truth has some; and the protocol's mean Dice as predicted and with
     those slices right (each missed slice's class voxels given their class, the rest unchanged), which
-    bounds what finding the class on every slice would gain. ``preds``: run name -> its ``_val_preds.npz``.
+    bounds what finding the class on every slice would gain. The saved predictions come after the
+    largest-component step, so a slice also counts where that step removed what the network found. It
+    cannot have removed a prediction of the whole truth where the truth touches (in-plane 8-neighbours)
+    the class predicted on a neighbouring slice, as it would have been connected to it: those slices are
+    counted too. ``preds``: run name -> its ``_val_preds.npz``.
     """
+    from scipy import ndimage
+
     from fias_monai.metrics import case_dice
 
     names = names or {}
@@ -356,7 +362,7 @@ def missed_slice_table(preds: dict[str, dict], names: dict[str, str] | None = No
     rows: dict[str, dict[str, str]] = {}
     for n, run_preds in preds.items():
         missed = {cls: [0, 0, 0, 0] for cls in CLASSES[1:]}  # first, in between, last; voxels
-        blank = 0
+        blank = touching = 0
         dice_as_is, dice_fixed = [], []
         for case, label in zip(cases, labels):
             pred = run_preds[f"{case}__pred"]
@@ -369,12 +375,17 @@ def missed_slice_table(preds: dict[str, dict], names: dict[str, str] | None = No
                     missed[cls][0 if z == held[0] else 2 if z == held[-1] else 1] += 1
                     truth = label[..., z] == value
                     missed[cls][3] += int(np.count_nonzero(truth))
+                    near = ndimage.binary_dilation(truth, np.ones((3, 3), bool))
+                    neighbours = [t for t in (z - 1, z + 1) if 0 <= t < pred.shape[-1]]
+                    touching += any((pred[..., t][near] == value).any() for t in neighbours)
                     fixed[..., z][truth] = value
             dice_as_is.append(list(case_dice(pred, label, len(CLASSES)).values()))
             dice_fixed.append(list(case_dice(fixed, label, len(CLASSES)).values()))
         rows[n] = {f"{cls}, slices missed (first / in between / last)": f"{sum(m[:3])} ({m[0]} / {m[1]} / {m[2]})"
                    for cls, m in missed.items()}
         rows[n].update({f"{cls}, its voxels on them": str(m[3]) for cls, m in missed.items()})
+        rows[n]["missed slices whose truth touches the class on a neighbouring slice"] = (
+            f"{touching} of {sum(sum(m[:3]) for m in missed.values())}")
         rows[n]["slices with foreground left blank"] = str(blank)
         rows[n]["mean Dice (%) as predicted"] = f"{100 * np.mean(dice_as_is):.2f}"
         rows[n]["mean Dice (%) with the missed slices right"] = f"{100 * np.mean(dice_fixed):.2f}"

@@ -277,9 +277,21 @@ def test_report_counts_whole_slices_missed_and_the_dice_with_them_right():
     assert "| LV, slices missed (first / in between / last) | 2 (0 / 1 / 1) | 0 (0 / 0 / 0) |" in lines
     assert "| RV, its voxels on them | 2 | 0 |" in lines and "| LV, its voxels on them | 8 | 0 |" in lines
     assert "| slices with foreground left blank | 1 | 0 |" in lines
+    # each missed slice's truth lies under the class predicted on the slice before it
+    assert "| missed slices whose truth touches the class on a neighbouring slice | 4 of 4 | 0 of 0 |" in lines
     # as predicted: RV 2*4/(6+4), MYO 2*20/(24+22), LV 2*12/(20+13); put right: RV 1, MYO 1, LV 2*20/(20+21)
     assert "| mean Dice (%) as predicted | 79.89 | 100.00 |" in lines
     assert "| mean Dice (%) with the missed slices right | 99.19 | 100.00 |" in lines
+    # an apical LV pixel two pixels from the LV predicted on the slice before (and none after) does not touch it
+    apex = np.zeros((4, 4, 3), np.uint8)
+    apex[0:2, 0:2, :2] = 3
+    apex[3, 3, 2] = 3
+    missed = np.where(np.arange(3) == 2, 0, apex)
+    lines = report.missed_slice_table({"a": _Npz({"c1__label": apex, "c1__pred": missed})}).splitlines()
+    assert "| missed slices whose truth touches the class on a neighbouring slice | 0 of 1 |" in lines
+    apex[3, 3, 2], apex[2, 2, 2] = 0, 3  # diagonally next to it: touching, as 3D 26-connectivity counts it
+    lines = report.missed_slice_table({"a": _Npz({"c1__label": apex, "c1__pred": missed})}).splitlines()
+    assert "| missed slices whose truth touches the class on a neighbouring slice | 1 of 1 |" in lines
 
 
 def _report_row(name: str, mean: float, history: list[tuple[float, float]], cases: list[str]) -> dict:
