@@ -62,8 +62,19 @@ def _bundle(run_id: str, configs: list[str], overrides: list[str], log: Path) ->
     return time.time() - start
 
 
-def main(name: str, overlays: str, workdir: str = "/tmp/runs", out: str = "results", save_preds: int = 3,
+def main(name: str, overlays: str, workdir: str = "/tmp/runs", out: str = "results", save_preds: int | None = None,
          overrides: dict | None = None, eval_tag: str = "", eval_overrides: dict | None = None) -> None:
+    """Args (beyond the module's examples):
+        save_preds: how many validation volumes' predictions to save (``<name>_val_preds.npz``). Default: 3
+            for a training row, none for a re-evaluation (``eval_tag``). A re-evaluation that asks for them
+            saves its own (``<name>_<eval_tag>_val_preds.npz``) with ``eval_overrides`` applied, e.g. without
+            the largest-component step; one that loads another checkpoint than ``models/model.pt`` is refused,
+            as the predictions come from that file.
+    """
+    if eval_tag and save_preds and any(k.startswith("validate#handlers") for k in (eval_overrides or {})):
+        raise SystemExit(f"--save_preds with --eval_tag {eval_tag}: the predictions come from models/model.pt, and "
+                         "these evaluation overrides change the evaluation's checkpoint loader")
+    save_preds = (0 if eval_tag else 3) if save_preds is None else save_preds
     overlays_list = [o for o in overlays.split(",") if o]
     run_dir = Path(workdir) / name
     bundle_root = run_dir / "bundle"
@@ -137,8 +148,8 @@ def main(name: str, overlays: str, workdir: str = "/tmp/runs", out: str = "resul
                                              "gpu_util_mean_during_training")}))
     for row in summary:
         print(row)
-    if save_preds and not eval_tag:
-        _save_predictions(name, overlays_list, overrides, out_dir, save_preds, log)
+    if save_preds:
+        _save_predictions(result_name, overlays_list, {**overrides, **(eval_overrides or {})}, out_dir, save_preds, log)
 
 
 def _save_predictions(name, overlays_list, overrides, out_dir, n, log) -> None:

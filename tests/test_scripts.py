@@ -72,8 +72,11 @@ def test_run_experiment_evaluates_a_trained_row_again_under_an_eval_tag(tmp_path
     results_json_existed = []  # when the predictions were saved
     save_predictions = script._save_predictions
 
+    saved_with = []  # each save's overrides
+
     def record(name, *args):
         results_json_existed.append((tmp_path / "out" / f"{name}_results.json").exists())
+        saved_with.append(args[1])
         save_predictions(name, *args)
 
     script._save_predictions = record
@@ -112,6 +115,18 @@ def test_run_experiment_evaluates_a_trained_row_again_under_an_eval_tag(tmp_path
     assert log.count("monai.bundle run training") == 1 and log.count("monai.bundle run evaluating") == 3
     assert f"Restored all variables from {bundle / 'models' / 'last.pt'}" in log
     assert (out / "row_last_results.json").is_file()
+
+    # a re-evaluation asked for predictions saves its own, made with its overrides (here: without the largest-component
+    # step); the ones above, with --save_preds 0, saved none
+    _run_experiment(tmp_path, monkeypatch, capsys, overrides, "--eval_tag", "nolcc", "--eval_overrides",
+                    repr({"keep_largest_component": False}), script=script, save_preds=1)
+    assert results_json_existed == [True, True] and saved_with[-1]["keep_largest_component"] is False
+    assert sorted(p.name for p in out.glob("*_val_preds.npz")) == ["row_nolcc_val_preds.npz", "row_val_preds.npz"]
+    # one that loads another checkpoint would save predictions of models/model.pt under its name: refused up front
+    with pytest.raises(SystemExit, match="change the evaluation's checkpoint loader"):
+        _fire_run_experiment(tmp_path, overrides, "--eval_tag", "last2", "--eval_overrides",
+                             '{"validate#handlers#0#load_path": "x"}', save_preds=1)
+    assert not (out / "row_last2_results.json").exists()
 
 
 def test_run_experiment_refuses_a_none_override_before_running(tmp_path):
