@@ -604,7 +604,8 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     fig.tight_layout()
     fig.savefig(out_dir / f"acdc_val_curve{tag}.png")
 
-    # each run's saved predictions opened once, for the figure and the confusion, border and position tables alike
+    # each run's saved predictions opened once, for the figure and the confusion, border, position and missed-slice
+    # tables alike
     saved_preds = {n: np.load(runs_dir / f"{n}_val_preds.npz")
                    for n in {*_names(figure), *_names(confusion), *_names(border), *_names(positions), *_names(missed)}
                    if (runs_dir / f"{n}_val_preds.npz").exists()}
@@ -637,9 +638,9 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     positioned = {n: saved_preds[n] for n in _names(positions) if n in saved_preds}
     if positioned:
         print(slice_position_table(positioned, NAMES))
-    skipped = {n: saved_preds[n] for n in _names(missed) if n in saved_preds}
-    if skipped:
-        print(missed_slice_table(skipped, NAMES))
+    missed_runs = {n: saved_preds[n] for n in _names(missed) if n in saved_preds}
+    if missed_runs:
+        print(missed_slice_table(missed_runs, NAMES))
     comparisons = []
     for pair in _names(versus):
         a, b = pair.split(":")
