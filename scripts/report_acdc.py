@@ -604,10 +604,12 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     fig.tight_layout()
     fig.savefig(out_dir / f"acdc_val_curve{tag}.png")
 
-    # each run's saved predictions opened once, for the figure and the confusion, border, position and missed-slice
-    # tables alike
+    # the tables of saved predictions, in the order they are printed, each with the option naming its runs
+    tables = ((confusion, confusion_table), (border, border_table), (positions, slice_position_table),
+              (missed, missed_slice_table))
+    # each run's saved predictions opened once, for the figure and the tables alike
     saved_preds = {n: np.load(runs_dir / f"{n}_val_preds.npz")
-                   for n in {*_names(figure), *_names(confusion), *_names(border), *_names(positions), *_names(missed)}
+                   for n in {*_names(figure), *(n for option, _ in tables for n in _names(option))}
                    if (runs_dir / f"{n}_val_preds.npz").exists()}
     order = [n for n in _names(figure) if n in saved_preds]
     if order:
@@ -629,18 +631,10 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         for p in panels:
             Path(p).unlink()
         print("qualitative columns: image, ground truth, " + ", ".join(NAMES.get(n, n) for n in order), "; cases", cases)
-    confused = {n: saved_preds[n] for n in _names(confusion) if n in saved_preds}
-    if confused:
-        print(confusion_table(confused, NAMES))
-    bordered = {n: saved_preds[n] for n in _names(border) if n in saved_preds}
-    if bordered:
-        print(border_table(bordered, NAMES))
-    positioned = {n: saved_preds[n] for n in _names(positions) if n in saved_preds}
-    if positioned:
-        print(slice_position_table(positioned, NAMES))
-    missed_runs = {n: saved_preds[n] for n in _names(missed) if n in saved_preds}
-    if missed_runs:
-        print(missed_slice_table(missed_runs, NAMES))
+    for option, table in tables:
+        chosen = {n: saved_preds[n] for n in _names(option) if n in saved_preds}
+        if chosen:
+            print(table(chosen, NAMES))
     comparisons = []
     for pair in _names(versus):
         a, b = pair.split(":")
