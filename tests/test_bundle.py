@@ -287,6 +287,27 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor(tmp_path):
     assert scheduler.get_last_lr()[0] == pytest.approx(1e-5)  # ends at lr * min_lr_ratio
 
 
+@pytest.mark.parametrize("weight", [1, 3])
+def test_end_slice_weight_reaches_the_training_loader(tmp_path, weight):
+    from monai.bundle import ConfigParser
+    from torch.utils.data import RandomSampler, WeightedRandomSampler
+
+    make_demo_dataset(tmp_path / "demo", num_train=2, num_val=1, shape=(64, 64, 4))  # 8 slices
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    parser.update({**TINY, "dataset_dir": str(tmp_path / "demo"), "batch_size": 2, "num_workers": 0,
+                   "cache_workers": 1, "end_slice_weight": float(weight)})
+    loader = parser.get_parsed_content("train#dataloader")
+    assert len(loader) == 4  # the same epoch length either way
+    if float(weight) == 1:
+        assert isinstance(loader.sampler, RandomSampler)  # shuffled, as before the switch
+    else:
+        dataset = parser.get_parsed_content("train#dataset")
+        assert isinstance(loader.sampler, WeightedRandomSampler)
+        assert loader.sampler.weights.tolist() == dataset.sampling_weights(3).tolist()
+        assert 3.0 in loader.sampler.weights.tolist()
+
+
 @pytest.mark.parametrize("border_weight", [0, 2.0])
 def test_border_weight_reaches_the_trainers_loss(border_weight):
     from monai.bundle import ConfigParser

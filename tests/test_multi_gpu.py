@@ -64,7 +64,9 @@ def test_merged_config_ids_without_process_group():
     assert "DistributedDataParallel" in parser["network#_target_"]
     # DDP wraps exactly the single-GPU network (device, memory format): both name the one expression
     assert parser["network#module"] == json.loads(TRAIN.read_text())["network"] == "@network_on_device"
-    assert parser["train#sampler#_target_"] == parser["validate#sampler#_target_"] == "DistributedSampler"
+    assert parser["validate#sampler#_target_"] == "DistributedSampler"
+    # the training sampler is train.json's own entry (end_slice_weight), switched to its distributed form
+    assert parser["train#sampler#_target_"] == "fias_monai.data.slice_sampler" and parser["train#sampler#distributed"]
     assert parser["train#sampler#shuffle"] is True and parser["validate#sampler#shuffle"] is False
     assert parser["train#dataloader#sampler"] == "@train#sampler" and parser["train#dataloader#shuffle"] is False
     assert parser["validate#dataloader#sampler"] == "@validate#sampler"

@@ -15,12 +15,13 @@ from .synapse import (
     prepare_btcv,
     prepare_synapse_transunet,
 )
-from .slices import SliceDataset, SliceDatasetError
+from .slices import SliceDataset, SliceDatasetError, slice_sampler
 from .synthetic import DEMO_LABELS, ensure_demo_dataset, make_demo_dataset
 
 __all__ = [
     "SliceDataset",
     "SliceDatasetError",
+    "slice_sampler",
     "prepare_acdc_h5",
     "prepare_acdc_official",
     "prepare_synapse_transunet",

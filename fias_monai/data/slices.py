@@ -14,9 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from monai.data import DistributedSampler, DistributedWeightedRandomSampler
+from torch.utils.data import Dataset, Sampler, WeightedRandomSampler
 
-__all__ = ["SliceDataset", "SliceDatasetError"]
+__all__ = ["SliceDataset", "SliceDatasetError", "slice_sampler"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,72 @@ class SliceDataset(Dataset):
     def num_volumes(self) -> int:
         return len(self.images)
 
+    def end_slice_mask(self) -> np.ndarray:
+        """Whether each slice (in dataset order) ends a foreground class's extent along the stack.
+
+        A slice is an end slice when some foreground class is on it and not on the slice before or the
+        slice after, or the slice is the volume's first or last (the class is cut there by the field of
+        view). On ACDC these are the apical and basal slices, where a class is small and easily missed.
+
+        Returns:
+            bool array of shape (len(self),).
+        """
+        ends = []
+        for label in self.labels:
+            classes = [c for c in label.unique().tolist() if c != 0]
+            # (classes, slices): whether each foreground class has a voxel on each slice
+            present = torch.stack([(label == c).flatten(0, -2).any(0) for c in classes]) if classes else None
+            if present is None:
+                ends.append(np.zeros(label.shape[-1], bool))
+                continue
+            absent = torch.nn.functional.pad(~present, (1, 1), value=True)  # outside the volume: absent
+            ends.append((present & (absent[:, :-2] | absent[:, 2:])).any(0).numpy())
+        return np.concatenate(ends)
+
+    def sampling_weights(self, end_slice_weight: float = 1.0) -> torch.Tensor:
+        """Per-slice sampling weights: ``end_slice_weight`` for end slices (:meth:`end_slice_mask`), 1 otherwise.
+
+        For a weighted sampler (``WeightedRandomSampler``, or MONAI's ``DistributedWeightedRandomSampler``
+        under DDP), so that the slices where a class begins or ends are drawn more often.
+
+        Raises:
+            ValueError: ``end_slice_weight`` is not a positive finite number.
+        """
+        if not (np.isfinite(end_slice_weight) and end_slice_weight > 0):
+            raise ValueError(f"end_slice_weight must be a positive number, got {end_slice_weight!r}")
+        weights = torch.ones(len(self), dtype=torch.double)
+        weights[torch.from_numpy(self.end_slice_mask())] = float(end_slice_weight)
+        return weights
+
     def class_voxel_counts(self) -> np.ndarray:
         """Voxels per class over the cached slices (a sanity check of the label mapping)."""
         n = self.num_classes or int(max(lb.max().item() for lb in self.labels)) + 1
         return np.sum([np.bincount(lb.flatten().numpy(), minlength=n) for lb in self.labels], axis=0)
+
+
+def slice_sampler(dataset: SliceDataset, end_slice_weight: float = 1.0, distributed: bool = False,
+                  **distributed_kwargs) -> Sampler | None:
+    """The training loader's sampler, one config entry for one GPU and for DDP.
+
+    Args:
+        dataset: the training slices.
+        end_slice_weight: how many times as often an end slice (:meth:`SliceDataset.end_slice_mask`) is drawn
+            as any other; 1 keeps the plain epoch (every slice once, shuffled).
+        distributed: one process per GPU: each rank draws its own share (MONAI's ``DistributedSampler``, or
+            ``DistributedWeightedRandomSampler`` with weights).
+        distributed_kwargs: further arguments of those samplers (``even_divisible``, ``shuffle``,
+            ``num_replicas``, ``rank``).
+
+    Returns:
+        None on one GPU without weights (the loader shuffles); otherwise a sampler of ``len(dataset)``
+        draws per epoch in all (with replacement when weighted).
+    """
+    if distributed:
+        if end_slice_weight == 1:
+            return DistributedSampler(dataset, **distributed_kwargs)
+        return DistributedWeightedRandomSampler(dataset, dataset.sampling_weights(end_slice_weight), **distributed_kwargs)
+    if distributed_kwargs:
+        raise TypeError(f"slice_sampler: {sorted(distributed_kwargs)} apply only with distributed=True")
+    if end_slice_weight == 1:
+        return None
+    return WeightedRandomSampler(dataset.sampling_weights(end_slice_weight), num_samples=len(dataset))
