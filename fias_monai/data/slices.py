@@ -128,12 +128,12 @@ class SliceDataset(Dataset):
         """
         ends = []
         for label in self.labels:
-            classes = [c for c in label.unique().tolist() if c != 0]
-            # (classes, slices): whether each foreground class has a voxel on each slice
-            present = torch.stack([(label == c).flatten(0, -2).any(0) for c in classes]) if classes else None
-            if present is None:
-                ends.append(np.zeros(label.shape[-1], bool))
-                continue
+            depth = label.shape[-1]
+            num_classes = int(label.max()) + 1
+            # one pass over the volume: voxels per (class, slice), counted as class * depth + slice
+            code = label.flatten(0, -2).long() * depth + torch.arange(depth)
+            counts = torch.bincount(code.flatten(), minlength=num_classes * depth).view(num_classes, depth)
+            present = counts[1:] > 0  # (foreground classes, slices)
             absent = torch.nn.functional.pad(~present, (1, 1), value=True)  # outside the volume: absent
             ends.append((present & (absent[:, :-2] | absent[:, 2:])).any(0).numpy())
         return np.concatenate(ends)
