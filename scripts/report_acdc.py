@@ -23,6 +23,10 @@ import fire
 import numpy as np
 
 NAMES = {
+    "fias_m45_fr_clip": "FIAS-tiny, 4.5 minutes, full-resolution head, gradient clipping 1.0",
+    "fias_m45_fr_clip_s1": "FIAS-tiny, 4.5 minutes, head, clipping, seed 1",
+    "fias_m45_fr_clip_es2": "FIAS-tiny, 4.5 minutes, head, clipping, end_slice_weight 2",
+    "fias_m45_fr_clip_es2_s1": "FIAS-tiny, 4.5 minutes, head, clipping, end_slice_weight 2, seed 1",
     "fias_m12_fr_clip": "FIAS-tiny, 12 minutes, full-resolution head, gradient clipping 1.0",
     "fias_m12_fr_clip_s1": "FIAS-tiny, 12 minutes, full-resolution head, gradient clipping 1.0, seed 1",
     "swinunetr_m12": "MONAI SwinUNETR-2D, 12-minute budget",
