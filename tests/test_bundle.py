@@ -296,10 +296,10 @@ def test_end_slice_weight_reaches_the_training_loader(tmp_path, weight):
     parser = ConfigParser()
     parser.read_config(str(TRAIN))
     parser.update({**TINY, "dataset_dir": str(tmp_path / "demo"), "batch_size": 2, "num_workers": 0,
-                   "cache_workers": 1, "end_slice_weight": float(weight)})
+                   "cache_workers": 1, "end_slice_weight": weight})
     loader = parser.get_parsed_content("train#dataloader")
     assert len(loader) == 4  # the same epoch length either way
-    if float(weight) == 1:
+    if weight == 1:
         assert isinstance(loader.sampler, RandomSampler)  # shuffled, as before the switch
     else:
         dataset = parser.get_parsed_content("train#dataset")

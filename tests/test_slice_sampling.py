@@ -71,7 +71,11 @@ def test_slice_sampler_under_ddp_gives_each_rank_its_share(dataset, weight, kind
     assert all(type(s) is kind and len(s) == 7 for s in samplers)
     if weight == 1:  # every slice once across the ranks
         assert sorted(i for s in samplers for i in s) == list(range(14))
-    else:
-        torch.manual_seed(0)
-        assert all(0 <= i < 14 for s in samplers for i in s)
+    else:  # each rank draws, by weight, only from its own half of the slices
         assert samplers[0].weights.tolist() == dataset.sampling_weights(3).tolist()
+        halves = [set(DistributedSampler(dataset, num_replicas=2, rank=r, even_divisible=True)) for r in (0, 1)]
+        assert halves[0].isdisjoint(halves[1])
+        torch.manual_seed(0)
+        for sampler, half in zip(samplers, halves):
+            draws = [i for _ in range(200) for i in sampler]
+            assert set(draws) == half

@@ -128,14 +128,15 @@ class SliceDataset(Dataset):
         """
         ends = []
         for label in self.labels:
-            depth = label.shape[-1]
-            num_classes = int(label.max()) + 1
+            # numpy, single-threaded: it runs while the training starts, next to other processes on a shared host
+            label = label.numpy().reshape(-1, label.shape[-1])  # (voxels of a slice, slices)
+            depth = label.shape[1]
             # one pass over the volume: voxels per (class, slice), counted as class * depth + slice
-            code = label.flatten(0, -2).long() * depth + torch.arange(depth)
-            counts = torch.bincount(code.flatten(), minlength=num_classes * depth).view(num_classes, depth)
+            counts = np.bincount((label.astype(np.int64) * depth + np.arange(depth)).ravel())
+            counts = np.pad(counts, (0, -len(counts) % depth)).reshape(-1, depth)
             present = counts[1:] > 0  # (foreground classes, slices)
-            absent = torch.nn.functional.pad(~present, (1, 1), value=True)  # outside the volume: absent
-            ends.append((present & (absent[:, :-2] | absent[:, 2:])).any(0).numpy())
+            absent = np.pad(~present, ((0, 0), (1, 1)), constant_values=True)  # outside the volume: absent
+            ends.append((present & (absent[:, :-2] | absent[:, 2:])).any(0))
         return np.concatenate(ends)
 
     def sampling_weights(self, end_slice_weight: float = 1.0) -> torch.Tensor:
