@@ -12,6 +12,8 @@
 * :class:`CheckedCacheDataset` is a ``CacheDataset`` that tries every item and then lists every failing
   file at once, instead of stopping at the first bad one.
 * :func:`describe_error` turns the exceptions MONAI/nibabel raise for unreadable files into one line.
+* :class:`AdjacentSlicesd` gives each slice its neighbours along the stack as extra channels (2.5D input,
+  beyond the paper), so that a 2D network sees where in the stack a slice lies.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from monai.config import KeysCollection
 from monai.data import CacheDataset, MetaTensor
 from monai.transforms import Invertd, MapTransform, SaveImaged
 from monai.transforms.utils import convert_applied_interp_mode
+from monai.utils import convert_to_dst_type
 
 from .data.io import InvalidCaseError
 
@@ -53,6 +56,8 @@ __all__ = [
     "as_bool",
     "LABEL_RESAMPLE_MODE",
     "NearestExactInvertd",
+    "adjacent_slices",
+    "AdjacentSlicesd",
 ]
 
 logger = logging.getLogger(__name__)
@@ -595,3 +600,69 @@ class NearestExactInvertd(Invertd):
         out = super().__call__(d)
         out.update(originals)
         return out
+
+
+def adjacent_slices(img: Any, context: int, padding_mode: str = "edge") -> Any:
+    """Stack every slice of a channel-first volume with its ``context`` neighbours on each side as channels.
+
+    Channel ``c * (2 * context + 1) + j`` of slice ``z`` holds channel ``c`` of slice ``z + j - context``:
+    the slice itself is the middle channel of each group. Beyond the stack's ends ``"edge"`` repeats the
+    first (last) slice and ``"zeros"`` fills with zeros. The in-plane grid, the affine and the applied
+    transforms of a MetaTensor are kept, so predictions on the stacked image invert as before.
+
+    Args:
+        img: (C, H, W, D) tensor, MetaTensor or array; slices along the last axis.
+        context: neighbours on each side; 0 returns ``img`` itself.
+        padding_mode: ``"edge"`` or ``"zeros"``.
+
+    Shapes:
+        (C, H, W, D) -> (C * (2 * context + 1), H, W, D).
+    """
+    context = int(context)
+    if context < 0:
+        raise ValueError(f"context must be 0 or more neighbours per side, got {context}.")
+    if padding_mode not in ("edge", "zeros"):
+        raise ValueError(f"padding_mode must be 'edge' or 'zeros', got {padding_mode!r}.")
+    if context == 0:
+        return img
+    x = _as_tensor(img)
+    if x.ndim != 4:
+        raise ValueError(f"adjacent slices need a channel-first volume (C, H, W, D); got shape {tuple(x.shape)} "
+                         f"in {filename_of(img)}.")
+    depth = x.shape[-1]
+    offsets = torch.arange(-context, context + 1, device=x.device)
+    index = torch.arange(depth, device=x.device)[None, :] + offsets[:, None]  # (2k + 1, D)
+    stacked = x[..., index.clamp(0, depth - 1)]  # (C, H, W, 2k + 1, D)
+    if padding_mode == "zeros":
+        stacked = stacked * ((index >= 0) & (index < depth)).to(stacked.dtype)
+    stacked = stacked.permute(0, 3, 1, 2, 4).reshape(-1, *x.shape[1:])
+    return convert_to_dst_type(stacked, img)[0]  # MetaTensor (meta and transform stack copied), array or tensor
+
+
+class AdjacentSlicesd(MapTransform):
+    """2.5D input (beyond the paper): each slice with its neighbours along the stack as extra channels.
+
+    FIAS and the peers segment one slice at a time. With ``context=1`` a training slice, a SliceInferer
+    slice and a MONAI Label slice each carry the slice below and above it, so the network can tell an apical
+    or basal slice from a mid-ventricular one. Use it as the last volume transform (after resizing), in
+    training, validation and inference alike, with the network's ``in_channels`` multiplied by
+    ``2 * context + 1``; see :func:`adjacent_slices`.
+
+    Args:
+        keys: keys of the images (not the labels).
+        context: neighbours on each side; 0 leaves the image as it is.
+        padding_mode: ``"edge"`` (repeat the end slices) or ``"zeros"``.
+        allow_missing_keys: as MONAI's ``MapTransform``.
+    """
+
+    def __init__(self, keys: KeysCollection, context: int = 1, padding_mode: str = "edge",
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        adjacent_slices(torch.zeros(1, 1, 1, 1), context, padding_mode)  # reject bad arguments when built
+        self.context, self.padding_mode = int(context), padding_mode
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = adjacent_slices(d[key], self.context, self.padding_mode)
+        return d

@@ -30,6 +30,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from conftest import BackgroundRun
 from fias_monai.data import load_datalist, make_demo_dataset
@@ -154,15 +155,18 @@ class Server:
 
 @pytest.fixture(scope="module")
 def overlay_dry_run(tmp_path_factory):
-    """``monailabel_server.sh --overlay synapse.json --init-model --dry-run`` on a copy of the tiny bundle,
-    started in the background: the server fixture asks for it first, so that its ~9 s (the label venv's
-    python importing torch and fias_monai on one core) go by beside the server's start-up on the other.
-    Returns (tmp folder, bundle copy, the run)."""
+    """``monailabel_server.sh --overlay <synapse.json with 2.5D input> --init-model --dry-run`` on a copy of the
+    tiny bundle, started in the background: the server fixture asks for it first, so that its ~9 s (the label
+    venv's python importing torch and fias_monai on one core) go by beside the server's start-up on the other.
+    The overlay is synapse.json plus ``context_slices: 1`` (three input channels). Returns (tmp folder, bundle
+    copy, the run)."""
     tmp = tmp_path_factory.mktemp("overlay")
     bundle = _tiny_bundle(tmp / "bundle")
     (tmp / "studies").mkdir()
+    overlay = json.loads((REPO / "bundle" / "configs" / "synapse.json").read_text())
+    (tmp / "overlay.json").write_text(json.dumps({**overlay, "context_slices": 1}))
     cmd = ["bash", SCRIPT, tmp / "studies", "--app", tmp / "app", "--bundle", bundle,
-           "--overlay", REPO / "bundle" / "configs" / "synapse.json", "--init-model", "--dry-run", "--python", LABEL_PY]
+           "--overlay", tmp / "overlay.json", "--init-model", "--dry-run", "--python", LABEL_PY]
     run = BackgroundRun(cmd, cwd=tmp, env=dict(os.environ), timeout=180, check=True)
     yield tmp, bundle, run
     run.stop()
@@ -327,6 +331,14 @@ def test_overlay_sets_label_set(overlay_dry_run):
         assert cfg["network_def"]["embed_dims"] == TINY_NET["embed_dims"], name  # the rest of the config is kept
     assert json.loads((copy / "inference.json").read_text())["dataset_dir"] != overlay["dataset_dir"]
     assert (copy.parent / "models" / "model.pt").is_file()
+    # 2.5D: both configs stack one neighbour per side, the metadata says so, the new weights take 3 channels
+    for name in ("inference.json", "train.json"):
+        assert json.loads((copy / name).read_text())["context_slices"] == 1, name
+    image = meta["network_data_format"]["inputs"]["image"]
+    assert image["num_channels"] == 3 and image["channel_def"] == {"0": "image, slice -1", "1": "image",
+                                                                   "2": "image, slice +1"}
+    state = torch.load(copy.parent / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert state["encoder.stem.0.conv.weight"].shape[1] == 3  # the DilateFormer's first convolution
     assert "start_server" in log
     # the repo's bundle is untouched
     assert json.loads((bundle / "configs" / "metadata.json").read_text()) != meta
