@@ -83,6 +83,31 @@ def test_eval_returns_sum_of_heads_and_is_deterministic():
     assert torch.allclose(sum(heads), a, atol=1e-5)
 
 
+@pytest.mark.parametrize("heads", [(0,), (0, 1), (2, 0)])
+@pytest.mark.parametrize("full_res_head", [False, True])
+def test_inference_heads_sum_only_the_chosen_outputs_from_the_same_weights(heads, full_res_head):
+    torch.manual_seed(0)
+    net = tiny(drop_path_rate=0.0, decoder_dropout=0.0, full_res_head=full_res_head)
+    chosen = tiny(drop_path_rate=0.0, decoder_dropout=0.0, full_res_head=full_res_head, inference_heads=heads)
+    chosen.load_state_dict(net.state_dict(), strict=True)  # the option adds no weights
+    x = torch.randn(2, 1, 64, 64)
+    net.train()
+    for m in net.modules():  # the heads as in eval mode (BN statistics, MCA's global pool)
+        if isinstance(m, (torch.nn.BatchNorm2d, MonteCarloAttention)):
+            m.eval()
+    with torch.no_grad():
+        outputs = net(x)
+        got = chosen.eval()(x)
+    torch.testing.assert_close(got, sum(outputs[i] for i in heads), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, sum(outputs), atol=1e-3)  # not the paper's sum of all three
+
+
+@pytest.mark.parametrize("heads", [(), (0, 0), (3,), (-1,)])
+def test_inference_heads_outside_the_three_outputs_raise(heads):
+    with pytest.raises(ValueError, match="inference_heads"):
+        tiny(inference_heads=heads)
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 64, 48), (1, 1, 65, 64), (1, 1, 20, 20)])
 def test_sizes_not_divisible_by_32_raise(shape):
     with pytest.raises(ValueError, match="divisible by 32"):

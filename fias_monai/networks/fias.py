@@ -53,6 +53,9 @@ class FIAS(nn.Module):
             :class:`~fias_monai.networks.blocks.FullResolutionHead` (the 1/4 decoder output decoded to the
             input size with skips from a small convolutional stem on the image) instead of a 1x1 head at
             1/4 upsampled bilinearly. The other two heads are unchanged.
+        inference_heads: beyond the paper: which deep-supervision outputs (0 the finest, 2 the coarsest) eval
+            mode sums. ``None``: all three, the paper's (and MERIT's) output. The weights do not depend on it, so
+            one checkpoint can be evaluated either way.
         attention_impl: MSDA implementation, the same function at different speeds: ``"auto"`` (the fused
             Triton kernel on CUDA, plain PyTorch ``"gather"`` elsewhere), ``"fused"``, ``"gather"``,
             ``"shift"`` or ``"unfold"`` (the reference); see docs/benchmark.md.
@@ -63,7 +66,7 @@ class FIAS(nn.Module):
         input (B, in_channels, H, W) with H and W divisible by 32.
         train mode: a list of three logits maps (B, out_channels, H, W), the deep-supervision heads
         from the finest (1/4) to the coarsest (1/16) decoder output.
-        eval mode: one tensor (B, out_channels, H, W), the sum of the three, so MONAI inferers,
+        eval mode: one tensor (B, out_channels, H, W), the sum of the three (or of ``inference_heads``), so MONAI inferers,
         bundles and MONAI Label use the network unchanged.
     """
 
@@ -71,7 +74,8 @@ class FIAS(nn.Module):
                  embed_dims: Sequence[int] | None = None, depths: Sequence[int] | None = None,
                  num_heads: Sequence[int] | None = None, use_dmk: bool = True, fusion: str = "caf",
                  decoder: str = "mixatt", decoder_heads: Sequence[int] = (8, 6, 4, 2), decoder_dropout: float = 0.1,
-                 drop_path_rate: float = 0.1, full_res_head: bool = False, attention_impl: str = "auto",
+                 drop_path_rate: float = 0.1, full_res_head: bool = False,
+                 inference_heads: Sequence[int] | None = None, attention_impl: str = "auto",
                  pretrained_encoder: str | os.PathLike | None = None) -> None:
         super().__init__()
         if variant not in FIAS_VARIANTS:
@@ -84,6 +88,11 @@ class FIAS(nn.Module):
         if len(decoder_heads) != len(dims):
             raise ValueError(f"decoder_heads needs one entry per scale ({len(dims)}), got {decoder_heads}.")
         self.in_channels, self.out_channels = in_channels, out_channels
+        heads = (0, 1, 2) if inference_heads is None else tuple(int(i) for i in inference_heads)
+        if not heads or len(set(heads)) != len(heads) or not set(heads) <= {0, 1, 2}:
+            raise ValueError(f"inference_heads must name distinct outputs among 0 (finest), 1 and 2 (coarsest); "
+                             f"got {inference_heads}.")
+        self.inference_heads = heads
         self.use_dmk, self.fusion_kind, self.decoder_kind = use_dmk, fusion, decoder
 
         self.encoder = DilateFormer(in_channels, dims, cfg["depths"], cfg["num_heads"],
@@ -155,7 +164,10 @@ class FIAS(nn.Module):
             logits.insert(0, self.full_res_head(x, finest_first[0]))
         if self.training:
             return logits
-        return logits[0] + logits[1] + logits[2]
+        out = logits[self.inference_heads[0]]
+        for i in self.inference_heads[1:]:
+            out = out + logits[i]
+        return out
 
 
 def load_dilateformer_checkpoint(encoder: DilateFormer, path: str | os.PathLike) -> None:
