@@ -171,9 +171,9 @@ if overlay:
     pred["channel_def"] = {str(i): n for i, n in enumerate(names)}
     pred["num_channels"] = len(names)
     # a 2.5D overlay (context_slices k) feeds each slice with k neighbours per side: 2k + 1 input channels
-    k = int(infer.get("context_slices") or 0)
-    meta["network_data_format"]["inputs"]["image"].update(
-        num_channels=2 * k + 1, channel_def={str(j): "image" if j == k else f"image, slice {j - k:+d}" for j in range(2 * k + 1)})
+    k = int(infer.get_parsed_content("context_slices", default=0))
+    channels = {str(j): "image" if j == k else f"image, slice {j - k:+d}" for j in range(2 * k + 1)}
+    meta["network_data_format"]["inputs"]["image"].update(num_channels=2 * k + 1, channel_def=channels)
     meta["label_classes"] = meta["pred_classes"] = ", ".join(f"{i} {n}" for i, n in enumerate(names))
     json.dump(meta, open(meta_path, "w"), indent=4)
     say(f"merged {overlay} into the copy; labels: {names[1:]}")

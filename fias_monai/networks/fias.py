@@ -66,8 +66,8 @@ class FIAS(nn.Module):
         input (B, in_channels, H, W) with H and W divisible by 32.
         train mode: a list of three logits maps (B, out_channels, H, W), the deep-supervision heads
         from the finest (1/4) to the coarsest (1/16) decoder output.
-        eval mode: one tensor (B, out_channels, H, W), the sum of the three (or of ``inference_heads``), so MONAI inferers,
-        bundles and MONAI Label use the network unchanged.
+        eval mode: one tensor (B, out_channels, H, W), the sum of the three (or of ``inference_heads``), so
+        MONAI inferers, bundles and MONAI Label use the network unchanged.
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 4, variant: str = "tiny",
