@@ -159,6 +159,18 @@ def requires_shared(*parts):
     return pytest.mark.skipif(not path.exists(), reason=f"{path} is not present (users' clones lack ../shared)")
 
 
+def axcodes_affine(codes: str, spacing, origin) -> np.ndarray:
+    """An oblique-free affine whose voxel axes point along ``codes`` (e.g. "LPI", "PSR")."""
+    world = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I": (2, -1)}
+    aff = np.eye(4)
+    aff[:3, :3] = 0
+    for axis, (code, sp) in enumerate(zip(codes, spacing)):
+        row, sign = world[code]
+        aff[row, axis] = sign * sp
+    aff[:3, 3] = origin
+    return aff
+
+
 def write_h5(path: Path, image: np.ndarray, label: np.ndarray) -> None:
     """One volume of the SSL4MIS ACDC h5 layout (datasets ``image`` and ``label``)."""
     with h5py.File(path, "w") as f:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
+from conftest import axcodes_affine
 from fias_monai.data import make_demo_dataset
 from fias_monai.transforms import AdjacentSlicesd, adjacent_slices
 
@@ -117,9 +118,8 @@ def test_bundle_trains_and_validates_on_three_slice_input(tmp_path):
     evaluator = parser.get_parsed_content("validate#evaluator")
     evaluator.run()
     assert 0.0 <= evaluator.state.metrics["val_mean_dice"] <= 1.0
-    label = evaluator.state.batch[0]["label"] if isinstance(evaluator.state.batch, list) else None
-    pred = evaluator.state.output[0]["pred"]
-    assert pred.shape[1:] == (64, 64, 4) and (label is None or pred.shape == label.shape)
+    out = evaluator.state.output[0]  # the volume's prediction, back on the label's grid
+    assert out["pred"].shape == out["label"].shape == (1, 64, 64, 4)
 
 
 @pytest.mark.parametrize("peer", ["basicunet", "swinunetr"])
@@ -157,11 +157,7 @@ def test_inference_gives_each_slice_its_neighbours_along_world_z(tmp_path):
     for name, (codes, shape) in cases.items():
         seg = rng.integers(0, 4, size=shape).astype(np.uint8)
         seg.flat[:4] = [0, 1, 2, 3]
-        affine = np.eye(4)
-        affine[:3, :3] = 0
-        for axis, code in enumerate(codes):
-            row, sign = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I": (2, -1)}[code]
-            affine[row, axis] = sign * (0.7, 1.3, 2.5)[axis]
+        affine = axcodes_affine(codes, (0.7, 1.3, 2.5), (12.5, -40.0, 7.0))
         nib.save(nib.Nifti1Image((levels[seg] * 400.0 - 100.0).astype(np.float32), affine), str(inp / f"{name}.nii.gz"))
         ornt = io_orientation(affine)
         axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])  # the input axis along world z, and its direction

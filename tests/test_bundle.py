@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BackgroundRun
+from conftest import BackgroundRun, axcodes_affine
 from fias_monai.data import load_datalist, make_demo_dataset
 from fias_monai.losses import FeatureMixingLoss
 
@@ -62,18 +62,6 @@ def _bundle(*args: str, overrides: dict, timeout: float = 400) -> BackgroundRun:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _affine(codes: str, spacing, origin) -> np.ndarray:
-    """An oblique-free affine whose voxel axes point along ``codes`` (e.g. "LPI", "PSR")."""
-    world = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I": (2, -1)}
-    aff = np.eye(4)
-    aff[:3, :3] = 0
-    for axis, (code, sp) in enumerate(zip(codes, spacing)):
-        row, sign = world[code]
-        aff[row, axis] = sign * sp
-    aff[:3, 3] = origin
-    return aff
 
 
 @pytest.fixture
@@ -489,7 +477,7 @@ def test_inference_orientation_round_trip_is_voxel_exact(tmp_path):
         seg = rng.integers(0, 4, size=shape).astype(np.uint8)
         seg.flat[:4] = [0, 1, 2, 3]
         image = (levels[seg] * 400.0 - 100.0).astype(np.float32)
-        affine = _affine(codes, (0.7, 1.3, 2.5), (12.5, -40.0, 7.0))
+        affine = axcodes_affine(codes, (0.7, 1.3, 2.5), (12.5, -40.0, 7.0))
         nib.save(nib.Nifti1Image(image, affine), str(inp / f"{name}.nii.gz"))
         expected[name] = (seg, affine)
     overrides = {"bundle_root": str(tmp_path / "bundle"), "dataset_dir": str(inp), "output_dir": str(out),
@@ -559,7 +547,7 @@ def model_runs(workdir, trained) -> dict:
     rng = np.random.default_rng(0)
     for name, codes, shape in (("synth_lpi", "LPI", (40, 56, 7)), ("synth_psr", "PSR", (48, 6, 36))):
         image = (rng.normal(40.0, 300.0, size=shape)).astype(np.float32)
-        affine = _affine(codes, (0.9, 1.6, 3.0), (-101.5, 37.25, 12.0))
+        affine = axcodes_affine(codes, (0.9, 1.6, 3.0), (-101.5, 37.25, 12.0))
         nib.save(nib.Nifti1Image(image, affine), str(inp / f"{name}.nii.gz"))
         assert "".join(nib.aff2axcodes(nib.load(str(inp / f"{name}.nii.gz")).affine)) == codes
     if REAL_CT.is_file():
