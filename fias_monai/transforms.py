@@ -602,6 +602,16 @@ class NearestExactInvertd(Invertd):
         return out
 
 
+def _check_adjacent_args(context: int, padding_mode: str) -> int:
+    """``context`` as an int, after rejecting a negative count or an unknown padding mode."""
+    context = int(context)
+    if context < 0:
+        raise ValueError(f"context must be 0 or more neighbours per side, got {context}.")
+    if padding_mode not in ("edge", "zeros"):
+        raise ValueError(f"padding_mode must be 'edge' or 'zeros', got {padding_mode!r}.")
+    return context
+
+
 def adjacent_slices(img: Any, context: int, padding_mode: str = "edge") -> Any:
     """Stack every slice of a channel-first volume with its ``context`` neighbours on each side as channels.
 
@@ -618,11 +628,7 @@ def adjacent_slices(img: Any, context: int, padding_mode: str = "edge") -> Any:
     Shapes:
         (C, H, W, D) -> (C * (2 * context + 1), H, W, D).
     """
-    context = int(context)
-    if context < 0:
-        raise ValueError(f"context must be 0 or more neighbours per side, got {context}.")
-    if padding_mode not in ("edge", "zeros"):
-        raise ValueError(f"padding_mode must be 'edge' or 'zeros', got {padding_mode!r}.")
+    context = _check_adjacent_args(context, padding_mode)
     if context == 0:
         return img
     x = _as_tensor(img)
@@ -658,8 +664,7 @@ class AdjacentSlicesd(MapTransform):
     def __init__(self, keys: KeysCollection, context: int = 1, padding_mode: str = "edge",
                  allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        adjacent_slices(torch.zeros(1, 1, 1, 1), context, padding_mode)  # reject bad arguments when built
-        self.context, self.padding_mode = int(context), padding_mode
+        self.context, self.padding_mode = _check_adjacent_args(context, padding_mode), padding_mode
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
