@@ -17,6 +17,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # A narrow FIAS for CPU tests: every block of the real one, a fraction of the width and depth.
 TINY_NET = dict(embed_dims=(24, 48, 96, 192), depths=(1, 1, 1, 1), num_heads=(3, 6, 12, 24),
                 decoder_heads=(8, 6, 4, 2))
+# The narrow FIAS of the CPU bundle tests, as config overrides (FIAS inputs must divide by 32: 64x64 slices).
+TINY_BUNDLE = {"network_def#embed_dims": [24, 48, 96, 192], "network_def#depths": [1, 1, 1, 1], "image_size": [64, 64]}
 
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None

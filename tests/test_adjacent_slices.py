@@ -12,14 +12,13 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from conftest import axcodes_affine
+from conftest import TINY_BUNDLE as TINY, axcodes_affine
 from fias_monai.data import make_demo_dataset
 from fias_monai.transforms import AdjacentSlicesd, adjacent_slices
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
 TRAIN, INFER, META = CONFIGS / "train.json", CONFIGS / "inference.json", CONFIGS / "metadata.json"
-TINY = {"network_def#embed_dims": [24, 48, 96, 192], "network_def#depths": [1, 1, 1, 1], "image_size": [64, 64]}
 
 
 def _volume(channels=2, depth=5) -> torch.Tensor:

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BackgroundRun, axcodes_affine
+from conftest import TINY_BUNDLE as TINY, BackgroundRun, axcodes_affine
 from fias_monai.data import load_datalist, make_demo_dataset
 from fias_monai.losses import FeatureMixingLoss
 
@@ -35,10 +35,6 @@ CONFIGS = REPO / "bundle" / "configs"
 TRAIN, EVALUATE, INFER = CONFIGS / "train.json", CONFIGS / "evaluate.json", CONFIGS / "inference.json"
 META, LOGGING_CONF = CONFIGS / "metadata.json", CONFIGS / "logging.conf"
 REAL_CT = REPO.parent / "shared" / "data" / "totalseg_ct" / "example_ct_sm.nii.gz"
-
-# The narrow FIAS of the CPU tests (FIAS inputs must divide by 32: 64x64 slices).
-TINY = {"network_def#embed_dims": [24, 48, 96, 192], "network_def#depths": [1, 1, 1, 1], "image_size": [64, 64]}
-
 
 def _json(path: Path):
     return json.loads(Path(path).read_text())

@@ -67,19 +67,25 @@ def test_ablation_switches_change_the_modules():
         FIAS(variant="huge")
 
 
+def _heads_as_in_eval(net, x):
+    """The three deep-supervision outputs as eval mode computes them: train mode with the stochastic parts
+    frozen (BN statistics, MCA's global pool). Leaves ``net`` in that state."""
+    net.train()
+    for m in net.modules():
+        if isinstance(m, (torch.nn.BatchNorm2d, MonteCarloAttention)):
+            m.eval()
+    with torch.no_grad():
+        return net(x)
+
+
 def test_eval_returns_sum_of_heads_and_is_deterministic():
     net = tiny(drop_path_rate=0.0, decoder_dropout=0.0).eval()
     x = torch.randn(1, 1, 64, 64)
     with torch.no_grad():
         a, b = net(x), net(x)
-        assert a.shape == (1, 4, 64, 64)
-        assert torch.equal(a, b)
-        # train mode with the stochastic parts frozen (BN statistics, MCA's global pool) gives the heads
-        net.train()
-        for m in net.modules():
-            if isinstance(m, (torch.nn.BatchNorm2d, MonteCarloAttention)):
-                m.eval()
-        heads = net(x)
+    assert a.shape == (1, 4, 64, 64)
+    assert torch.equal(a, b)
+    heads = _heads_as_in_eval(net, x)
     assert torch.allclose(sum(heads), a, atol=1e-5)
 
 
@@ -91,12 +97,8 @@ def test_inference_heads_sum_only_the_chosen_outputs_from_the_same_weights(heads
     chosen = tiny(drop_path_rate=0.0, decoder_dropout=0.0, full_res_head=full_res_head, inference_heads=heads)
     chosen.load_state_dict(net.state_dict(), strict=True)  # the option adds no weights
     x = torch.randn(2, 1, 64, 64)
-    net.train()
-    for m in net.modules():  # the heads as in eval mode (BN statistics, MCA's global pool)
-        if isinstance(m, (torch.nn.BatchNorm2d, MonteCarloAttention)):
-            m.eval()
+    outputs = _heads_as_in_eval(net, x)
     with torch.no_grad():
-        outputs = net(x)
         got = chosen.eval()(x)
     torch.testing.assert_close(got, sum(outputs[i] for i in heads), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got, sum(outputs), atol=1e-3)  # not the paper's sum of all three
