@@ -180,7 +180,8 @@ def test_inference_gives_each_slice_its_neighbours_along_world_z(tmp_path):
 def test_inference_and_training_configs_stack_the_same_way():
     train, infer = json.loads(TRAIN.read_text()), json.loads(INFER.read_text())
     assert train["adjacent_slices"] == infer["adjacent_slices"] and train["context_slices"] == infer["context_slices"]
-    assert train["network_def"]["in_channels"] == infer["network_def"]["in_channels"]
+    assert train["in_channels"] == infer["in_channels"]
+    assert train["network_def"]["in_channels"] == infer["network_def"]["in_channels"] == "@in_channels"
     for chain in (train["train"]["volume_transforms"], train["validate"]["preprocessing"]):
         assert chain["transforms"][-1] == "@adjacent_slices"  # after the resize, before slicing
     assert infer["preprocessing"]["transforms"][-2] == "@adjacent_slices"

@@ -122,6 +122,7 @@ def test_configs_agree_with_each_other_and_with_metadata():
         k: v for k, v in train["network_def"].items() if k not in ignore
     }
     assert infer["image_size"] == train["image_size"]
+    assert infer["in_channels"] == train["in_channels"] and infer["context_slices"] == train["context_slices"]
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == train["image_size"]
 
 
