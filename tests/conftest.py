@@ -173,6 +173,52 @@ def axcodes_affine(codes: str, spacing, origin) -> np.ndarray:
     return aff
 
 
+def intensity_coded_inference(tmp_path: Path, config_file, meta_file, cases: dict, read_channel: int = 0,
+                              in_channels: int = 1, overrides: dict | None = None) -> dict:
+    """Run inference.json with a stand-in "network" whose argmax is a known function of the intensity.
+
+    The network is a 1x1 convolution that reads input channel ``read_channel`` of ``in_channels``: argmax
+    0, 1, 2, 3 for a [0, 1]-scaled value in [0, .25), [.25, .5), [.5, .75), [.75, 1]. Each case
+    (name -> (axis codes, shape)) is a random label map in 0..3 saved as intensities that the per-volume
+    min-max maps onto those four levels exactly, with an affine along the axis codes; in-plane sides of 64
+    after reorientation to RAS keep the Resize to 64x64 the identity.
+
+    Returns:
+        name -> (label map, its affine, the written segmentation as a nibabel image).
+    """
+    from monai.bundle import ConfigWorkflow
+
+    conv = torch.nn.Conv2d(in_channels, 4, kernel_size=1)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:, read_channel] = torch.tensor([0.0, 10.0, 20.0, 30.0]).view(4, 1, 1)
+        conv.bias.copy_(torch.tensor([0.0, -2.5, -7.5, -15.0]))
+    (tmp_path / "bundle" / "models").mkdir(parents=True)
+    torch.save(conv.state_dict(), tmp_path / "bundle" / "models" / "model.pt")
+
+    levels = np.array([0.0, 0.375, 0.625, 1.0])  # the per-volume min-max keeps these exactly
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    rng = np.random.default_rng(0)
+    written = {}
+    for name, (codes, shape) in cases.items():
+        seg = rng.integers(0, 4, size=shape).astype(np.uint8)
+        seg.flat[:4] = [0, 1, 2, 3]
+        image = (levels[seg] * 400.0 - 100.0).astype(np.float32)
+        affine = axcodes_affine(codes, (0.7, 1.3, 2.5), (12.5, -40.0, 7.0))
+        nib.save(nib.Nifti1Image(image, affine), str(inp / f"{name}.nii.gz"))
+        written[name] = (seg, affine)
+    network = {"_target_": "torch.nn.Conv2d", "in_channels": in_channels, "out_channels": 4, "kernel_size": 1}
+    wf = ConfigWorkflow(config_file=str(config_file), meta_file=str(meta_file), logging_file=False,
+                        workflow_type="infer", bundle_root=str(tmp_path / "bundle"), dataset_dir=str(inp),
+                        output_dir=str(out), num_workers=0, image_size=[64, 64], network_def=network,
+                        **(overrides or {}))
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    return {name: (seg, affine, nib.load(str(out / f"{name}_seg.nii.gz"))) for name, (seg, affine) in written.items()}
+
+
 def write_h5(path: Path, image: np.ndarray, label: np.ndarray) -> None:
     """One volume of the SSL4MIS ACDC h5 layout (datasets ``image`` and ``label``)."""
     with h5py.File(path, "w") as f:

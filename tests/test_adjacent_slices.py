@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
 
-from conftest import TINY_BUNDLE as TINY, axcodes_affine
+from conftest import TINY_BUNDLE as TINY, intensity_coded_inference
 from fias_monai.data import make_demo_dataset
 from fias_monai.transforms import AdjacentSlicesd, adjacent_slices
 
@@ -135,46 +134,19 @@ def test_inference_gives_each_slice_its_neighbours_along_world_z(tmp_path):
     above (world +z after RAS reorientation): the written segmentation of each slice must be the intensity
     code of the next slice towards superior, in the input's own voxel order, whichever way the input's slice
     axis points; the most superior slice repeats itself (edge padding)."""
-    from monai.bundle import ConfigWorkflow
     from nibabel.orientations import io_orientation
 
-    # 1x1 conv on channel 2 (the slice above): argmax = 0..3 for intensities in [0, .25), ..., [.75, 1]
-    conv = torch.nn.Conv2d(3, 4, kernel_size=1)
-    with torch.no_grad():
-        conv.weight.zero_()
-        conv.weight[:, 2] = torch.tensor([0.0, 10.0, 20.0, 30.0]).view(4, 1, 1)
-        conv.bias.copy_(torch.tensor([0.0, -2.5, -7.5, -15.0]))
-    (tmp_path / "bundle" / "models").mkdir(parents=True)
-    torch.save(conv.state_dict(), tmp_path / "bundle" / "models" / "model.pt")
-
-    levels = np.array([0.0, 0.375, 0.625, 1.0])
-    inp, out = tmp_path / "in", tmp_path / "out"
-    inp.mkdir()
-    rng = np.random.default_rng(0)
     cases = {"lpi": ("LPI", (64, 64, 5)), "psr": ("PSR", (64, 4, 64)), "ras": ("RAS", (64, 64, 3))}
-    expected = {}
-    for name, (codes, shape) in cases.items():
-        seg = rng.integers(0, 4, size=shape).astype(np.uint8)
-        seg.flat[:4] = [0, 1, 2, 3]
-        affine = axcodes_affine(codes, (0.7, 1.3, 2.5), (12.5, -40.0, 7.0))
-        nib.save(nib.Nifti1Image((levels[seg] * 400.0 - 100.0).astype(np.float32), affine), str(inp / f"{name}.nii.gz"))
+    results = intensity_coded_inference(tmp_path, INFER, META, cases, read_channel=2, in_channels=3,
+                                        overrides={"context_slices": 1})  # channel 2: the slice above
+    for name, (seg, affine, pred) in results.items():
         ornt = io_orientation(affine)
         axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])  # the input axis along world z, and its direction
         step = int(ornt[axis, 1])
-        n = shape[axis]
-        expected[name] = np.take(seg, np.clip(np.arange(n) + step, 0, n - 1), axis=axis)
-        assert not np.array_equal(expected[name], seg)
-    overrides = {"bundle_root": str(tmp_path / "bundle"), "dataset_dir": str(inp), "output_dir": str(out),
-                 "num_workers": 0, "image_size": [64, 64], "context_slices": 1,
-                 "network_def": {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 4, "kernel_size": 1}}
-    wf = ConfigWorkflow(config_file=str(INFER), meta_file=str(META), logging_file=False, workflow_type="infer",
-                        **overrides)
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-    for name, seg in expected.items():
-        pred = nib.load(str(out / f"{name}_seg.nii.gz"))
-        np.testing.assert_array_equal(np.asanyarray(pred.dataobj), seg, err_msg=f"{name}: wrong neighbour")
+        n = seg.shape[axis]
+        expected = np.take(seg, np.clip(np.arange(n) + step, 0, n - 1), axis=axis)
+        assert not np.array_equal(expected, seg)
+        np.testing.assert_array_equal(np.asanyarray(pred.dataobj), expected, err_msg=f"{name}: wrong neighbour")
 
 
 def test_inference_and_training_configs_stack_the_same_way():

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_BUNDLE as TINY, BackgroundRun, axcodes_affine
+from conftest import TINY_BUNDLE as TINY, BackgroundRun, axcodes_affine, intensity_coded_inference
 from fias_monai.data import load_datalist, make_demo_dataset
 from fias_monai.losses import FeatureMixingLoss
 
@@ -453,40 +453,8 @@ def test_inference_orientation_round_trip_is_voxel_exact(tmp_path):
     """inference.json with a stand-in "network" whose argmax is a known function of the intensity: on
     inputs in non-RAS orientations the written segmentation must be that function of each voxel, in
     the input's own voxel order (a header-only check cannot see a missing flip or transpose)."""
-    from monai.bundle import ConfigWorkflow
-
-    # 1x1 conv on the [0, 1]-scaled image: argmax = 0, 1, 2, 3 for x in [0, .25), [.25, .5), [.5, .75), [.75, 1].
-    conv = torch.nn.Conv2d(1, 4, kernel_size=1)
-    with torch.no_grad():
-        conv.weight.copy_(torch.tensor([0.0, 10.0, 20.0, 30.0]).view(4, 1, 1, 1))
-        conv.bias.copy_(torch.tensor([0.0, -2.5, -7.5, -15.0]))
-    (tmp_path / "bundle" / "models").mkdir(parents=True)
-    torch.save(conv.state_dict(), tmp_path / "bundle" / "models" / "model.pt")
-
-    levels = np.array([0.0, 0.375, 0.625, 1.0])  # the per-volume min-max keeps these exactly
-    inp, out = tmp_path / "in", tmp_path / "out"
-    inp.mkdir()
-    rng = np.random.default_rng(0)
-    # in-plane (R, A) sides 64 after reorientation to RAS, so the Resize to 64x64 is the identity
     cases = {"lpi": ("LPI", (64, 64, 5)), "psr": ("PSR", (64, 3, 64)), "ras": ("RAS", (64, 64, 2))}
-    expected = {}
-    for name, (codes, shape) in cases.items():
-        seg = rng.integers(0, 4, size=shape).astype(np.uint8)
-        seg.flat[:4] = [0, 1, 2, 3]
-        image = (levels[seg] * 400.0 - 100.0).astype(np.float32)
-        affine = axcodes_affine(codes, (0.7, 1.3, 2.5), (12.5, -40.0, 7.0))
-        nib.save(nib.Nifti1Image(image, affine), str(inp / f"{name}.nii.gz"))
-        expected[name] = (seg, affine)
-    overrides = {"bundle_root": str(tmp_path / "bundle"), "dataset_dir": str(inp), "output_dir": str(out),
-                 "num_workers": 0, "image_size": [64, 64],
-                 "network_def": {"_target_": "torch.nn.Conv2d", "in_channels": 1, "out_channels": 4, "kernel_size": 1}}
-    wf = ConfigWorkflow(config_file=str(INFER), meta_file=str(META), logging_file=False, workflow_type="infer",
-                        **overrides)
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-    for name, (seg, affine) in expected.items():
-        pred = nib.load(str(out / f"{name}_seg.nii.gz"))
+    for name, (seg, affine, pred) in intensity_coded_inference(tmp_path, INFER, META, cases).items():
         assert nib.aff2axcodes(pred.affine) == tuple(cases[name][0])
         np.testing.assert_allclose(pred.affine, affine, atol=1e-5)
         np.testing.assert_array_equal(np.asanyarray(pred.dataobj), seg, err_msg=f"{name}: voxels misplaced")
