@@ -168,6 +168,43 @@ def test_acdc_intensity_augmentation_changes_the_image_only():
     assert 5 <= changed <= 15  # each of the three steps fires with p 0.15-0.3: about half the slices change
 
 
+def _tiny_parser(*files: Path):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in files])
+    parser.update({k: v for k, v in TINY.items() if k.startswith("network_def")})
+    return parser
+
+
+def test_acdc_12min_recipe_reaches_training_evaluation_and_inference():
+    """acdc_12min.json sets only keys train.json + acdc.json have (a misspelt key would silently do nothing);
+    the training it describes is the measured one; the model it trains loads (strict) into inference.json and
+    evaluate.json with it and gives the same output there, while inference.json without it cannot load that
+    model."""
+    acdc, recipe_file = CONFIGS / "acdc.json", CONFIGS / "acdc_12min.json"
+    base = _tiny_parser(TRAIN, acdc)
+    recipe = {k: v for k, v in _json(recipe_file).items() if not k.startswith("_desc")}
+    assert [k for k in recipe if k not in base] == []
+    assert base.get_parsed_content("max_minutes") == 7.5  # the time target's recipe, unchanged
+
+    train = _tiny_parser(TRAIN, acdc, recipe_file)
+    assert [train.get_parsed_content(k) for k in ("max_minutes", "max_grad_norm", "end_slice_weight")] == [12, 1.0, 2]
+    torch.manual_seed(0)
+    net = train.get_parsed_content("network_def").eval()
+    assert net.full_res_head is not None and net.inference_heads == (0,)
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        expected = net(x)
+    for files in ((INFER, acdc, recipe_file), (TRAIN, acdc, recipe_file, EVALUATE)):
+        other = _tiny_parser(*files).get_parsed_content("network_def").eval()
+        other.load_state_dict(net.state_dict(), strict=True)
+        with torch.no_grad():
+            assert torch.equal(other(x), expected), files
+    with pytest.raises(RuntimeError, match="full_res_head"):
+        _tiny_parser(INFER, acdc).get_parsed_content("network_def").load_state_dict(net.state_dict(), strict=True)
+
+
 @pytest.mark.parametrize("keep", [False, True])
 def test_largest_component_postprocessing_is_one_switch_for_validation_evaluation_and_inference(keep):
     from monai.bundle import ConfigParser
