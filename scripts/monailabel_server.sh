@@ -9,8 +9,10 @@
 #   --app DIR         work folder for the MONAI Label app (default ./fias_monailabel_app).
 #                     The monaibundle sample app is copied there once; the bundle goes to DIR/model/fias.
 #   --bundle DIR      the bundle to serve (default: bundle/ of this repository)
-#   --overlay FILE    merge a label-set overlay (e.g. bundle/configs/acdc.json) into the copy's train.json and
+#   --overlay FILES   merge a label-set overlay (e.g. bundle/configs/acdc.json) into the copy's train.json and
 #                     inference.json, and write its class_names into metadata.json (the labels clients see).
+#                     Several overlays, comma-separated, are merged in that order
+#                     (e.g. bundle/configs/acdc.json,bundle/configs/acdc_12min.json).
 #                     MONAI Label itself reads only those three files, never an overlay.
 #   --link            symlink the bundle into the app instead of copying it: training from MONAI Label then
 #                     writes models/model.pt into the --bundle folder itself. Not with --overlay.
@@ -68,7 +70,9 @@ done
 [[ -d "$STUDIES" ]] || die "studies folder $STUDIES does not exist"
 [[ -f "$BUNDLE/configs/inference.json" && -f "$BUNDLE/configs/train.json" && -f "$BUNDLE/configs/metadata.json" ]] \
     || die "$BUNDLE is not a bundle (needs configs/inference.json, train.json and metadata.json)"
-[[ -z "$OVERLAY" || -f "$OVERLAY" ]] || die "overlay $OVERLAY does not exist"
+OVERLAYS=()
+[[ -z "$OVERLAY" ]] || IFS=',' read -r -a OVERLAYS <<< "$OVERLAY"
+for f in "${OVERLAYS[@]}"; do [[ -f "$f" ]] || die "overlay $f does not exist"; done
 [[ -z "$OVERLAY" || $LINK -eq 0 ]] || die "--overlay edits a copy of the bundle; it cannot be used with --link"
 [[ "$PORT" =~ ^[0-9]+$ ]] || die "--port must be a number, got '$PORT'"
 command -v "$PY" >/dev/null 2>&1 || die "python '$PY' not found (set --python or FIAS_LABEL_PYTHON)"
@@ -77,7 +81,10 @@ command -v "$PY" >/dev/null 2>&1 || die "python '$PY' not found (set --python or
 
 STUDIES="$(cd "$STUDIES" && pwd)"
 BUNDLE="$(cd "$BUNDLE" && pwd)"
-[[ -z "$OVERLAY" ]] || OVERLAY="$(cd "$(dirname "$OVERLAY")" && pwd)/$(basename "$OVERLAY")"
+for i in "${!OVERLAYS[@]}"; do
+    OVERLAYS[i]="$(cd "$(dirname "${OVERLAYS[i]}")" && pwd)/$(basename "${OVERLAYS[i]}")"
+done
+OVERLAY="$(IFS=','; echo "${OVERLAYS[*]}")"
 mkdir -p "$APP"
 APP="$(cd "$APP" && pwd)"
 
@@ -159,9 +166,10 @@ def merge(name, ov, only_existing=False):
 
 
 if overlay:
-    ov = ConfigParser.load_config_file(overlay)
-    merge("train.json", ov)
-    infer = merge("inference.json", ov, only_existing=True)
+    for path in overlay.split(","):  # in the order given: a later overlay's keys win
+        ov = ConfigParser.load_config_file(path)
+        merge("train.json", ov)
+        infer = merge("inference.json", ov, only_existing=True)
     names = infer.get("class_names")
     if not isinstance(names, list):
         sys.exit(f"monailabel_server.sh: {overlay}: class_names must be a list to write metadata.json")

@@ -155,18 +155,19 @@ class Server:
 
 @pytest.fixture(scope="module")
 def overlay_dry_run(tmp_path_factory):
-    """``monailabel_server.sh --overlay <synapse.json with 2.5D input> --init-model --dry-run`` on a copy of the
-    tiny bundle, started in the background: the server fixture asks for it first, so that its ~9 s (the label
-    venv's python importing torch and fias_monai on one core) go by beside the server's start-up on the other.
-    The overlay is synapse.json plus ``context_slices: 1`` (three input channels). Returns (tmp folder, bundle
-    copy, the run)."""
+    """``monailabel_server.sh --overlay synapse.json,acdc_12min.json,<2.5D input> --init-model --dry-run`` on a
+    copy of the tiny bundle, started in the background: the server fixture asks for it first, so that its ~9 s
+    (the label venv's python importing torch and fias_monai on one core) go by beside the server's start-up on
+    the other. Three overlays merged in order: a label set, the 12-minute recipe (its network keys reach both
+    configs) and ``context_slices: 1`` (three input channels). Returns (tmp folder, bundle copy, the run)."""
     tmp = tmp_path_factory.mktemp("overlay")
     bundle = _tiny_bundle(tmp / "bundle")
     (tmp / "studies").mkdir()
-    overlay = json.loads((REPO / "bundle" / "configs" / "synapse.json").read_text())
-    (tmp / "overlay.json").write_text(json.dumps({**overlay, "context_slices": 1}))
+    (tmp / "context.json").write_text(json.dumps({"context_slices": 1}))
+    overlays = [REPO / "bundle" / "configs" / "synapse.json", REPO / "bundle" / "configs" / "acdc_12min.json",
+                tmp / "context.json"]
     cmd = ["bash", SCRIPT, tmp / "studies", "--app", tmp / "app", "--bundle", bundle,
-           "--overlay", tmp / "overlay.json", "--init-model", "--dry-run", "--python", LABEL_PY]
+           "--overlay", ",".join(map(str, overlays)), "--init-model", "--dry-run", "--python", LABEL_PY]
     run = BackgroundRun(cmd, cwd=tmp, env=dict(os.environ), timeout=180, check=True)
     yield tmp, bundle, run
     run.stop()
@@ -339,6 +340,27 @@ def test_overlay_sets_label_set(overlay_dry_run):
                                                                    "2": "image, slice +1"}
     state = torch.load(copy.parent / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert state["encoder.stem.0.conv.weight"].shape[1] == 3  # the DilateFormer's first convolution
+    # the 12-minute recipe: its network keys in both configs (the new weights have the full-resolution head),
+    # its training keys in train.json only
+    for name in ("inference.json", "train.json"):
+        net = json.loads((copy / name).read_text())["network_def"]
+        assert (net["full_res_head"], net["inference_heads"]) == (True, [0]), name
+    assert any(k.startswith("full_res_head.") for k in state)
+    assert json.loads((copy / "train.json").read_text())["max_minutes"] == 12
+    assert "max_minutes" not in json.loads((copy / "inference.json").read_text())
     assert "start_server" in log
     # the repo's bundle is untouched
     assert json.loads((bundle / "configs" / "metadata.json").read_text()) != meta
+
+
+def test_a_missing_overlay_in_the_list_is_named(tmp_path):
+    """Each of the comma-separated overlays is checked before anything is copied; the missing one is named."""
+    (tmp_path / "studies").mkdir()
+    missing = tmp_path / "acdc_12min.json"
+    overlays = f"{REPO / 'bundle' / 'configs' / 'acdc.json'},{missing}"
+    cmd = ["bash", str(SCRIPT), str(tmp_path / "studies"), "--app", str(tmp_path / "app"), "--overlay", overlays,
+           "--dry-run", "--python", str(LABEL_PY)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert f"overlay {missing} does not exist" in proc.stderr
+    assert not (tmp_path / "app").exists()
