@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_path", "bundle_cli_args", "destroy_process_group"]
+__all__ = ["atomic_path", "bundle_cli_args", "destroy_process_group", "state_dict_mismatch"]
 
 
 @contextmanager
@@ -49,6 +51,34 @@ def bundle_cli_args(overrides: dict) -> list[str]:
                          f"config's value would stay); give a value instead (max_minutes: 0 switches the time "
                          f"budget off)")
     return [a for k, v in overrides.items() for a in (f"--{k}", str(v))]
+
+
+def state_dict_mismatch(state: Mapping[str, Any], module: Any, shown: int = 3) -> str:
+    """Why ``state`` does not load strictly into ``module``, in one line; ``""`` if nothing keeps it from loading.
+
+    PyTorch's own message lists every key over many lines, and its first line says only that loading failed.
+    Here the keys on one side only are counted by their first name component (``full_res_head.* (23)``: a
+    model trained with the full-resolution head, served without it), and the first ``shown`` tensors whose
+    shapes differ are given with both shapes (a stem of 3 input channels against 1: other ``context_slices``).
+    """
+    own = module.state_dict()
+
+    def by_module(keys: list[str]) -> str:
+        return ", ".join(f"{name}.* ({n})" for name, n in Counter(k.split(".")[0] for k in keys).items())
+
+    extra = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state]
+    reshaped = [k for k in own if k in state and tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)]
+    parts = []
+    if extra:
+        parts.append(f"{len(extra)} tensors the network does not have: {by_module(extra)}")
+    if missing:
+        parts.append(f"{len(missing)} tensors of the network missing: {by_module(missing)}")
+    if reshaped:
+        shapes = "; ".join(f"{k} {tuple(state[k].shape)} in the weights, {tuple(own[k].shape)} in the network"
+                           for k in reshaped[:shown])
+        parts.append(f"{len(reshaped)} of another shape: {shapes}" + ("; ..." if len(reshaped) > shown else ""))
+    return "; ".join(parts)
 
 
 def destroy_process_group(linger_s: float = 0.2) -> None:

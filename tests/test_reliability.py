@@ -218,6 +218,39 @@ def test_inference_missing_weights_is_fatal(tmp_path):
     assert not (tmp_path / "out" / "good_seg.nii.gz").exists()
 
 
+@pytest.mark.parametrize("trained_with", ["full_res_head", "context_slices"])
+def test_inference_with_weights_of_another_network_says_what_differs(tmp_path, trained_with):
+    """Weights trained with the full-resolution head (acdc_12min.json), or with 2.5D input, served by the
+    plain inference.json: a fatal error naming the file, the modules or shapes that differ, and what to do;
+    nothing is written. (PyTorch's own first line says only "Error(s) in loading state_dict for FIAS".)"""
+    _save(tmp_path / "in" / "good.nii.gz", _image())
+    (tmp_path / "bundle" / "models").mkdir(parents=True)
+    other = dict(full_res_head=True) if trained_with == "full_res_head" else dict(in_channels=3)
+    net = FIAS(**{"in_channels": 1, "out_channels": 4, **other}, embed_dims=tuple(TINY_DIMS), depths=tuple(TINY_DEPTHS))
+    torch.save(net.state_dict(), tmp_path / "bundle" / "models" / "model.pt")
+    expected = (r"full_res_head\.\* \(\d+\)" if trained_with == "full_res_head"
+                else r"encoder\.stem\.0\.conv\.weight \(\d+, 3, 3, 3\) in the weights, \(\d+, 1, 3, 3\) in the network")
+    with pytest.raises(InferenceError, match=r"cannot load the model weights .*model.pt: they do not fit the "
+                                             r"configured network \(.*" + expected + r".*acdc_12min.json"):
+        _infer(tmp_path / "bundle", tmp_path / "in", tmp_path / "out")
+    assert not (tmp_path / "out" / "good_seg.nii.gz").exists()
+
+
+def test_state_dict_mismatch_counts_modules_and_lists_shapes():
+    from fias_monai.utils import state_dict_mismatch
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Conv2d(2, 2, 1))
+    assert state_dict_mismatch(net.state_dict(), net) == ""
+    state = {**net.state_dict(), "0.weight": torch.zeros(2, 3, 3, 3), "head.weight": torch.zeros(1)}
+    del state["1.bias"]
+    assert state_dict_mismatch(state, net) == (
+        "1 tensors the network does not have: head.* (1); 1 tensors of the network missing: 1.* (1); "
+        "1 of another shape: 0.weight (2, 3, 3, 3) in the weights, (2, 1, 3, 3) in the network")
+    many = {f"{i}.weight": torch.zeros(1) for i in range(2)} | {f"{i}.bias": torch.zeros(9) for i in range(2)}
+    assert state_dict_mismatch(many, net, shown=1).startswith("4 of another shape: 0.weight (1,) in the weights")
+    assert state_dict_mismatch(many, net, shown=1).endswith("; ...")
+
+
 def test_inference_never_overwrites_unless_asked_and_never_inputs(tiny_bundle, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     _save(src / "a.nii.gz", _image(1))
