@@ -203,7 +203,10 @@ else:
     try:
         net.load_state_dict(ckpt, strict=True)
     except Exception as e:  # noqa: BLE001 - report any mismatch
-        why = "; ".join(l.strip() for l in str(e).splitlines()[1:3] if l.strip())[:400]
+        from fias_monai.utils import state_dict_mismatch
+
+        # which modules or shapes differ (e.g. full_res_head.*: a model of acdc_12min.json without that overlay)
+        why = (isinstance(ckpt, dict) and state_dict_mismatch(ckpt, net)) or str(e).strip().splitlines()[0][:400]
         problem = f"does not fit configs/inference.json's network_def ({why})"
 if problem is None:
     sys.exit(0)
@@ -215,8 +218,8 @@ elif problem == "is missing":
     say(f"WARNING: {model_pt} is missing, so MONAI Label serves no inference for 'fias' until a restart "
         "after training. Add --init-model to start from random weights.")
 else:
-    sys.exit(f"monailabel_server.sh: {model_pt} {problem}. Serve a bundle trained with this label set, "
-             "or add --init-model (without --link) to replace it with random weights.")
+    sys.exit(f"monailabel_server.sh: {model_pt} {problem}. Serve a bundle trained with this label set and "
+             "these overlays, or add --init-model (without --link) to replace it with random weights.")
 EOF
 
 CMD=("$PY" -m monailabel.main start_server --app "$APP" --studies "$STUDIES"

@@ -18,6 +18,7 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -364,3 +365,18 @@ def test_a_missing_overlay_in_the_list_is_named(tmp_path):
     assert proc.returncode != 0
     assert f"overlay {missing} does not exist" in proc.stderr
     assert not (tmp_path / "app").exists()
+
+
+def test_weights_of_another_network_are_refused_with_what_differs(tmp_path):
+    """A model trained without the 12-minute recipe, served with it (--overlay acdc.json,acdc_12min.json, no
+    --init-model): the script stops before the server starts, naming the modules that differ."""
+    (tmp_path / "studies").mkdir()
+    bundle = _tiny_bundle(tmp_path / "bundle")
+    _random_model(bundle)  # the plain network: no full-resolution head
+    overlays = f"{REPO / 'bundle' / 'configs' / 'acdc.json'},{REPO / 'bundle' / 'configs' / 'acdc_12min.json'}"
+    cmd = ["bash", str(SCRIPT), str(tmp_path / "studies"), "--app", str(tmp_path / "app"), "--bundle", str(bundle),
+           "--overlay", overlays, "--dry-run", "--python", str(LABEL_PY)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0 and "start_server" not in proc.stderr
+    assert re.search(r"model\.pt does not fit configs/inference\.json's network_def \(.*tensors of the network "
+                     r"missing: full_res_head\.\* \(\d+\)", proc.stderr), proc.stderr[-2000:]
