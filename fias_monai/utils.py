@@ -66,16 +66,19 @@ def state_dict_mismatch(state: Mapping[str, Any], module: Any, shown: int = 3) -
     def by_module(keys: list[str]) -> str:
         return ", ".join(f"{name}.* ({n})" for name, n in Counter(k.split(".")[0] for k in keys).items())
 
+    def shape(value: Any) -> tuple:
+        return tuple(getattr(value, "shape", ()))
+
     extra = [k for k in state if k not in own]
     missing = [k for k in own if k not in state]
-    reshaped = [k for k in own if k in state and tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)]
+    reshaped = [k for k in own if k in state and shape(state[k]) != shape(own[k])]
     parts = []
     if extra:
         parts.append(f"{len(extra)} tensors the network does not have: {by_module(extra)}")
     if missing:
         parts.append(f"{len(missing)} tensors of the network missing: {by_module(missing)}")
     if reshaped:
-        shapes = "; ".join(f"{k} {tuple(state[k].shape)} in the weights, {tuple(own[k].shape)} in the network"
+        shapes = "; ".join(f"{k} {shape(state[k])} in the weights, {shape(own[k])} in the network"
                            for k in reshaped[:shown])
         parts.append(f"{len(reshaped)} of another shape: {shapes}" + ("; ..." if len(reshaped) > shown else ""))
     return "; ".join(parts)
