@@ -47,6 +47,16 @@ def _cli_overrides(overrides: dict) -> list[str]:
     return args
 
 
+def _tiny_parser(*files: Path, overrides: dict | None = None):
+    """A ConfigParser of ``files`` (in order) with the tiny network and ``overrides`` on top."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in files])
+    parser.update({**{k: v for k, v in TINY.items() if k.startswith("network_def")}, **(overrides or {})})
+    return parser
+
+
 def _bundle(*args: str, overrides: dict, timeout: float = 400) -> BackgroundRun:
     """``python -m monai.bundle ARGS --key value ...`` from the repo root, started now in the background
     (one torch thread: the slow tests run two at a time on the 2 cores); its ``result()`` waits for it and
@@ -168,15 +178,6 @@ def test_acdc_intensity_augmentation_changes_the_image_only():
     assert 5 <= changed <= 15  # each of the three steps fires with p 0.15-0.3: about half the slices change
 
 
-def _tiny_parser(*files: Path):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config([str(f) for f in files])
-    parser.update({k: v for k, v in TINY.items() if k.startswith("network_def")})
-    return parser
-
-
 def test_acdc_12min_recipe_reaches_training_evaluation_and_inference():
     """acdc_12min.json sets only keys train.json + acdc.json have (a misspelt key would silently do nothing);
     the training it describes is the measured one; the model it trains loads (strict) into inference.json and
@@ -281,11 +282,7 @@ def test_a_prediction_equal_to_the_training_target_maps_back_to_the_label_exactl
 @pytest.mark.parametrize("value, channels_last", [("false", False), ("true", True), (False, False), (True, True)])
 def test_channels_last_switch_takes_the_cli_strings(value, channels_last):
     # python-fire passes --channels_last false as the string "false", which plain truthiness reads as on
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(TRAIN))
-    parser.update({**{k: v for k, v in TINY.items() if k.startswith("network_def")}, "channels_last": value})
+    parser = _tiny_parser(TRAIN, overrides={"channels_last": value})
     weight = parser.get_parsed_content("network").encoder.stem[1].conv.weight  # (32, 16, 3, 3)
     assert weight.is_contiguous(memory_format=torch.channels_last) is channels_last
     assert weight.is_contiguous() is not channels_last
@@ -336,11 +333,7 @@ def test_end_slice_weight_reaches_the_training_loader(tmp_path, weight):
 
 @pytest.mark.parametrize("border_weight", [0, 2.0])
 def test_border_weight_reaches_the_trainers_loss(border_weight):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(TRAIN))
-    parser.update({**{k: v for k, v in TINY.items() if k.startswith("network_def")}, "border_weight": border_weight})
+    parser = _tiny_parser(TRAIN, overrides={"border_weight": border_weight})
     loss = parser.get_parsed_content("train#trainer#loss_function", instantiate=True)
     assert (loss.border_weight, loss.border_width) == (border_weight, 1)
     y = torch.zeros(1, 1, 8, 8)
