@@ -354,14 +354,18 @@ def test_overlay_sets_label_set(overlay_dry_run):
     assert json.loads((bundle / "configs" / "metadata.json").read_text()) != meta
 
 
+def _overlay_dry_run_now(tmp: Path, overlays: list, *args, timeout: float = 180) -> subprocess.CompletedProcess:
+    """``monailabel_server.sh <empty studies> --overlay <overlays, comma-joined> ARGS --dry-run``, waited for."""
+    (tmp / "studies").mkdir()
+    cmd = ["bash", str(SCRIPT), str(tmp / "studies"), "--app", str(tmp / "app"), *map(str, args),
+           "--overlay", ",".join(map(str, overlays)), "--dry-run", "--python", str(LABEL_PY)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
 def test_a_missing_overlay_in_the_list_is_named(tmp_path):
     """Each of the comma-separated overlays is checked before anything is copied; the missing one is named."""
-    (tmp_path / "studies").mkdir()
     missing = tmp_path / "acdc_12min.json"
-    overlays = f"{REPO / 'bundle' / 'configs' / 'acdc.json'},{missing}"
-    cmd = ["bash", str(SCRIPT), str(tmp_path / "studies"), "--app", str(tmp_path / "app"), "--overlay", overlays,
-           "--dry-run", "--python", str(LABEL_PY)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    proc = _overlay_dry_run_now(tmp_path, [REPO / "bundle" / "configs" / "acdc.json", missing], timeout=60)
     assert proc.returncode != 0
     assert f"overlay {missing} does not exist" in proc.stderr
     assert not (tmp_path / "app").exists()
@@ -370,13 +374,10 @@ def test_a_missing_overlay_in_the_list_is_named(tmp_path):
 def test_weights_of_another_network_are_refused_with_what_differs(tmp_path):
     """A model trained without the 12-minute recipe, served with it (--overlay acdc.json,acdc_12min.json, no
     --init-model): the script stops before the server starts, naming the modules that differ."""
-    (tmp_path / "studies").mkdir()
     bundle = _tiny_bundle(tmp_path / "bundle")
     _random_model(bundle)  # the plain network: no full-resolution head
-    overlays = f"{REPO / 'bundle' / 'configs' / 'acdc.json'},{REPO / 'bundle' / 'configs' / 'acdc_12min.json'}"
-    cmd = ["bash", str(SCRIPT), str(tmp_path / "studies"), "--app", str(tmp_path / "app"), "--bundle", str(bundle),
-           "--overlay", overlays, "--dry-run", "--python", str(LABEL_PY)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    configs = REPO / "bundle" / "configs"
+    proc = _overlay_dry_run_now(tmp_path, [configs / "acdc.json", configs / "acdc_12min.json"], "--bundle", bundle)
     assert proc.returncode != 0 and "start_server" not in proc.stderr
     assert re.search(r"model\.pt does not fit configs/inference\.json's network_def \(.*tensors of the network "
                      r"missing: full_res_head\.\* \(\d+\)", proc.stderr), proc.stderr[-2000:]
