@@ -13,6 +13,7 @@ the training log's timestamps (trainer start to each "val_mean_dice" line).
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import textwrap
@@ -179,19 +180,27 @@ def curve_from_log(log: str) -> list[dict]:
     return rows
 
 
-def _from_training_log(name: str, log: str) -> dict:
-    """Results of a run whose evaluation step failed: the best validation mean Dice of training (the
-    same protocol metric on the same volumes as the evaluation, without per-class values or HD95)."""
+def _from_training_log(name: str, log: str, gpu: str = "", commit: str = "") -> dict:
+    """Results of a run whose evaluation did not finish (it failed, or the call ended first): the best
+    validation mean Dice of training (the same protocol metric on the same volumes as the evaluation, without
+    per-class values or HD95). The row's config, commit and card come from the line run_experiment writes before
+    training (``# run_experiment: {...}``); logs older than that line name only the command, and ``gpu`` /
+    ``commit`` (main's ``log_gpu`` / ``log_commit``) say the rest, else "unknown"."""
     best = re.findall(r"Key metric: val_mean_dice best value: ([0-9.]+) at epoch: (\d+)", log)
     stop = re.search(r"time budget of ([0-9.]+) min reached after epoch (\d+) \(([0-9.]+) min elapsed\)", log)
+    facts = re.search(r"^# run_experiment: (\{.*\})$", log, re.M)
+    facts = json.loads(facts.group(1)) if facts else {}
+    command = re.search(r"^\$ \S+ (-m monai\.bundle run training .*)$", log, re.M)
+    configs = re.search(r"--config_file (\[[^]]*\])", command.group(1)) if command else None
     return {
         "name": name,
-        "note": "evaluation step failed (evaluate.json added a FIAS-only key to peer networks; fixed since); "
-                "mean DSC is the best validation mean Dice logged during training (same protocol and volumes)",
-        "overlays": ["bundle/configs/train.json", "bundle/configs/acdc.json",
-                     f"bundle/configs/peers/{name.removesuffix('_eager')}.json"],
-        "git_commit": "d85338fff4dda539805ae74d2353f5577713c738",
-        "gpu": "NVIDIA H100 80GB HBM3",
+        "note": "the evaluation did not finish; mean DSC is the best validation mean Dice logged during training "
+                "(same protocol and volumes), without per-class values or HD95",
+        "overlays": facts.get("overlays", ast.literal_eval(configs.group(1))[1:] if configs else []),
+        "overrides": facts.get("overrides", {}),
+        "command": "python " + command.group(1) if command else "",
+        "git_commit": facts.get("git_commit") or commit or "unknown",
+        "gpu": facts.get("gpu") or gpu or "unknown",
         "train_wall_minutes_incl_caching": float(stop.group(3)) if stop else None,
         "summary": [{"class_index": "all", "class_name": "mean", "dice": best[-1][0], "hd95": "",
                      "best_epoch": best[-1][1]}] if best else [],
@@ -515,7 +524,8 @@ def _docs_result(out_dir: Path, name: str) -> dict:
 
 def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CURVE_RUNS,
          figure: str = FIGURE_RUNS, cases: str | None = None, tag: str = "", confusion: str = "",
-         versus: str = "", border: str = "", positions: str = "", missed: str = "") -> None:
+         versus: str = "", border: str = "", positions: str = "", missed: str = "", log_gpu: str = "",
+         log_commit: str = "") -> None:
     """Args:
         runs: folder of run_experiment outputs (``<name>_log.txt``, ``_results.json``, ``_val_preds.npz``).
         out: the bundle's docs folder.
@@ -533,6 +543,8 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         positions: comma-separated run names whose Dice is split by position along the stack, first, middle
             and last third of each class's slices (``slice_position_table``).
         missed: comma-separated run names whose whole-slice misses are counted (``missed_slice_table``).
+        log_gpu, log_commit: the card and commit of runs reported from their training log alone (no results
+            JSON) whose log predates run_experiment's ``# run_experiment:`` line, which records both.
 
     Curve and ``versus`` runs missing from ``runs`` are read from their JSONs in ``out``/results (earlier
     sessions' rows).
@@ -548,7 +560,8 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         if path.exists():
             r = json.loads(path.read_text())
         else:  # training finished but evaluation did not: keep what the training log measured
-            r = _from_training_log(name, (runs_dir / f"{name}_log.txt").read_text(errors="replace"))
+            r = _from_training_log(name, (runs_dir / f"{name}_log.txt").read_text(errors="replace"), log_gpu,
+                                   log_commit)
         base = name if name in logged else max((n for n in logged if name.startswith(n + "_")), key=len, default=None)
         if base is None:
             continue

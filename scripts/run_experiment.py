@@ -33,11 +33,18 @@ import fire
 
 from fias_monai.utils import atomic_path, bundle_cli_args
 
+# the line before the training command in the log: the row's facts as JSON (scripts/report_acdc.py reads it back)
+RUN_LINE = "# run_experiment: "
+
+
+def _visible_gpu() -> str:
+    """The index nvidia-smi knows the run's GPU by: the first of CUDA_VISIBLE_DEVICES (nvidia-smi ignores it)."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+
 
 def _gpu_sampler(samples: list, stop: threading.Event) -> None:
-    # nvidia-smi ignores CUDA_VISIBLE_DEVICES: ask for the run's own GPU, so that runs side by side on one
-    # host (one GPU each) each sample their own card
-    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+    # the run's own GPU, so that runs side by side on one host (one GPU each) each sample their own card
+    gpu = _visible_gpu()
     while not stop.is_set():
         try:
             out = subprocess.run(["nvidia-smi", "-i", gpu, "--query-gpu=utilization.gpu,memory.used",
@@ -48,6 +55,20 @@ def _gpu_sampler(samples: list, stop: threading.Event) -> None:
         except Exception:
             pass
         stop.wait(1.0)
+
+
+def _git_commit() -> str:
+    return os.environ.get("GIT_COMMIT") or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                                          text=True).stdout.strip()
+
+
+def _gpu_name() -> str:
+    """The run's card as nvidia-smi names it ("NVIDIA H200"), "cpu" without one; no CUDA context in this process."""
+    try:
+        return subprocess.run(["nvidia-smi", "-i", _visible_gpu(), "--query-gpu=name", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+    except Exception:
+        return "cpu"
 
 
 def _bundle(run_id: str, configs: list[str], overrides: list[str], log: Path) -> float:
@@ -101,6 +122,11 @@ def main(name: str, overlays: str, workdir: str = "/tmp/runs", out: str = "resul
         samples.extend(done["gpu_samples"])
         print(f"{name}: training already done ({train_s / 60:.2f} min), evaluating only")
     else:
+        # what the results JSON records, written first: a row whose evaluation never finishes (a call cut off)
+        # is still reported from its log with the right config, commit and card (report_acdc._from_training_log)
+        with open(log, "a") as f:
+            f.write(RUN_LINE + json.dumps({"name": name, "overlays": overlays_list, "overrides": overrides,
+                                           "git_commit": _git_commit(), "gpu": _gpu_name()}, default=str) + "\n")
         train_start = time.time()
         train_s = _bundle("training", ["bundle/configs/train.json", *overlays_list], common, log)
         train_end = time.time()
@@ -127,8 +153,7 @@ def main(name: str, overlays: str, workdir: str = "/tmp/runs", out: str = "resul
         "eval_overrides": eval_overrides or {},
         "command": f"python -m monai.bundle run training --config_file \"{['bundle/configs/train.json', *overlays_list]}\" "
                    + " ".join(common),
-        "git_commit": os.environ.get("GIT_COMMIT") or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                                                                     text=True).stdout.strip(),
+        "git_commit": _git_commit(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "torch": torch.__version__,

@@ -103,6 +103,11 @@ def test_run_experiment_evaluates_a_trained_row_again_under_an_eval_tag(tmp_path
     assert [r["class_name"] for r in tagged["summary"]] == [r["class_name"] for r in plain["summary"]]
     log = (out / "row_log.txt").read_text()
     assert log.count("monai.bundle run training") == 1 and log.count("monai.bundle run evaluating") == 2
+    # the row's facts, written before training, once (the re-evaluation trained nothing)
+    assert log.startswith(script.RUN_LINE) and log.count(script.RUN_LINE) == 1
+    facts = json.loads(log.splitlines()[0][len(script.RUN_LINE):])
+    assert (facts["overlays"], facts["overrides"]) == (plain["overlays"], plain["overrides"])
+    assert (facts["git_commit"], facts["gpu"]) == (plain["git_commit"], plain["gpu"])
     assert "--keep_largest_component True" in log
     bundle = tmp_path / "runs" / "row" / "bundle"
     assert (bundle / "eval" / "metrics_summary.csv").is_file() and (bundle / "eval_lcc" / "metrics_summary.csv").is_file()
@@ -367,6 +372,32 @@ def test_report_writes_the_docs_json_table_curve_and_figure_from_a_runs_folder(t
         (runs / f"{name}_log.txt").write_text("x - Epoch[1] Complete. Time taken\n")
     report.main(runs=str(runs), out=str(out), curve="a,b,c,d,e", figure="", tag="_five")
     assert plt.imread(out / "acdc_val_curve_five.png").shape == (576, 720, 4)
+
+
+def test_report_keeps_a_row_whose_evaluation_never_finished_with_its_own_facts(tmp_path, capsys):
+    # training ended, the call ended before the evaluation: the row is kept from its log, with the config, commit
+    # and card run_experiment wrote before training; a log older than that line takes them from the command line
+    report = _load_script("report_acdc")
+    runs, out = tmp_path / "runs", tmp_path / "docs"
+    runs.mkdir()
+    facts = {"name": "g", "overlays": ["bundle/configs/acdc.json"], "overrides": {"seed": 1}, "git_commit": "abc",
+             "gpu": "NVIDIA H200"}
+    training = ("$ /venv/bin/python3 -m monai.bundle run training --config_file ['bundle/configs/train.json', "
+                "'bundle/configs/acdc.json', 'bundle/configs/acdc_12min.json'] --max_minutes 6 --seed 1\n"
+                "x - Epoch[1] Complete. Time taken\nx - Key metric: val_mean_dice best value: 0.87 at epoch: 1\n"
+                "x - Epoch[2] Complete. Time taken\nx - Key metric: val_mean_dice best value: 0.9 at epoch: 2\n"
+                "x - time budget of 6 min reached after epoch 2 (6.0 min elapsed)\n")
+    # the line as run_experiment writes it: the reader and the writer agree
+    (runs / "g_log.txt").write_text(_load_script("run_experiment").RUN_LINE + json.dumps(facts) + "\n" + training)
+    (runs / "h_log.txt").write_text(training)
+    report.main(runs=str(runs), out=str(out), curve="", figure="", log_gpu="NVIDIA H100", log_commit="def")
+    assert "| g | 90.00 | n/a | n/a | n/a | n/a | 2 | 6.0 | NVIDIA H200 |" in capsys.readouterr().out
+    g, h = (json.loads((out / "results" / f"{n}.json").read_text()) for n in "gh")
+    assert (g["git_commit"], g["overlays"], g["overrides"]) == ("abc", ["bundle/configs/acdc.json"], {"seed": 1})
+    assert (h["git_commit"], h["gpu"]) == ("def", "NVIDIA H100")
+    assert h["overlays"] == ["bundle/configs/acdc.json", "bundle/configs/acdc_12min.json"]
+    assert h["command"].startswith("python -m monai.bundle run training") and h["command"].endswith("--seed 1")
+    assert g["summary"][0]["best_epoch"] == "2" and "did not finish" in g["note"]
 
 
 class _Npz(dict):
