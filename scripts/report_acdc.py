@@ -394,6 +394,11 @@ def slice_position_table(preds: dict[str, dict], names: dict[str, str] | None = 
     return "\n".join(lines)
 
 
+# lower edges of the bins of a missed slice's highest class probability (missed_slice_table)
+MISSED_PROBABILITY_BINS = (0.0, 0.1, 0.3, 0.5)
+MISSED_PROBABILITY_LABEL = "< 0.1 / 0.1-0.3 / 0.3-0.5 / >= 0.5"
+
+
 def missed_slice_table(preds: dict[str, dict], names: dict[str, str] | None = None) -> str:
     """Markdown table of whole slices a run leaves without a class the ground truth has there, over the volumes
     every run saved: per class the number of such slices (and whether each is the first or the last slice
@@ -404,7 +409,10 @@ def missed_slice_table(preds: dict[str, dict], names: dict[str, str] | None = No
     largest-component step, so a slice also counts where that step removed what the network found. It
     cannot have removed a prediction of the whole truth where the truth touches (in-plane 8-neighbours)
     the class predicted on a neighbouring slice, as it would have been connected to it: those slices are
-    counted too. ``preds``: run name -> its ``_val_preds.npz``.
+    counted too. Where a run saved each class's highest probability per slice (``__classmax``, run_experiment
+    since session 27), its missed slices are also binned by that probability: a class found nowhere on the slice
+    (below 0.1) against a near miss (0.3-0.5) or one the argmax had and a later step removed (0.5 or more).
+    ``preds``: run name -> its ``_val_preds.npz``.
     """
     from scipy import ndimage
 
@@ -417,6 +425,8 @@ def missed_slice_table(preds: dict[str, dict], names: dict[str, str] | None = No
     for n, run_preds in preds.items():
         missed = {cls: [0, 0, 0, 0] for cls in CLASSES[1:]}  # first, in between, last; voxels
         blank = touching = 0
+        has_probability = all(f"{case}__classmax" in run_preds.files for case in cases)
+        by_probability = [0] * len(MISSED_PROBABILITY_BINS)
         dice_as_is, dice_fixed = [], []
         for case, label in zip(cases, labels):
             pred = run_preds[f"{case}__pred"]
@@ -433,6 +443,9 @@ def missed_slice_table(preds: dict[str, dict], names: dict[str, str] | None = No
                     neighbours = [t for t in (z - 1, z + 1) if 0 <= t < pred.shape[-1]]
                     touching += any((pred[..., t][near] == value).any() for t in neighbours)
                     fixed[..., z][truth] = value
+                    if has_probability:
+                        highest = float(run_preds[f"{case}__classmax"][value, z])
+                        by_probability[sum(highest >= edge for edge in MISSED_PROBABILITY_BINS[1:])] += 1
             dice_as_is.append(list(case_dice(pred, label, len(CLASSES)).values()))
             dice_fixed.append(list(case_dice(fixed, label, len(CLASSES)).values()))
         rows[n] = {f"{cls}, slices missed (first / in between / last)": f"{sum(m[:3])} ({m[0]} / {m[1]} / {m[2]})"
@@ -441,6 +454,8 @@ def missed_slice_table(preds: dict[str, dict], names: dict[str, str] | None = No
         rows[n]["missed slices whose truth touches the class on a neighbouring slice"] = (
             f"{touching} of {sum(sum(m[:3]) for m in missed.values())}")
         rows[n]["slices with foreground left blank"] = str(blank)
+        rows[n][f"missed slices by the class's highest probability on them ({MISSED_PROBABILITY_LABEL})"] = (
+            " / ".join(map(str, by_probability)) if has_probability else "n/a")
         rows[n]["mean Dice (%) as predicted"] = f"{100 * np.mean(dice_as_is):.2f}"
         rows[n]["mean Dice (%) with the missed slices right"] = f"{100 * np.mean(dice_fixed):.2f}"
     lines = [f"whole slices without a class the ground truth has there, over {len(cases)} volumes",

@@ -178,7 +178,9 @@ def main(name: str, overlays: str, workdir: str = "/tmp/runs", out: str = "resul
 
 
 def _save_predictions(name, overlays_list, overrides, out_dir, n, log) -> None:
-    """Predictions of the first n validation volumes on the label grid, for the qualitative figure."""
+    """Predictions of the first n validation volumes on the label grid, for the qualitative figure, and per slice
+    each class's highest softmax probability at the network's grid before any postprocessing (``__classmax``,
+    classes x slices), which tells a slice the network nearly found from one it did not see (report_acdc --missed)."""
     code = f"""
 import numpy as np, torch, json
 from monai.bundle import ConfigParser
@@ -199,8 +201,12 @@ for item in data[:{n}]:
     d = pre(dict(item))
     with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == 'cuda'):
         d['pred'] = inferer(d['image'][None].to(dev), net)[0].float().cpu()
+    # logits, or log mean probabilities under test-time flips: softmax gives probabilities either way
+    classmax = torch.softmax(d['pred'], 0).amax(dim=(1, 2))
     d = post(d)
     case = str(item['label']).split('/')[-1].split('.')[0]
+    if classmax.shape[-1] == d['label'].shape[-1]:  # slices are predicted one by one: the stack is kept
+        out[case + '__classmax'] = classmax.numpy().astype('float16')
     out[case + '__pred'] = d['pred'][0].numpy().astype('uint8')
     out[case + '__label'] = d['label'][0].numpy().astype('uint8')
     out[case + '__image'] = (d['image'][0].numpy().clip(0, 1) * 255).astype('uint8')

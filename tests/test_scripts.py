@@ -87,9 +87,15 @@ def test_run_experiment_evaluates_a_trained_row_again_under_an_eval_tag(tmp_path
     # the predictions of the one validation volume, on its label grid, and no temporary file left beside them
     with np.load(tmp_path / "out" / "row_val_preds.npz") as preds:
         case = sorted(preds.files)[0].split("__")[0]
-        assert sorted(preds.files) == [f"{case}__image", f"{case}__label", f"{case}__pred"]
+        assert sorted(preds.files) == [f"{case}__classmax", f"{case}__image", f"{case}__label", f"{case}__pred"]
         assert preds[f"{case}__pred"].shape == preds[f"{case}__label"].shape == (64, 64, 4)
         assert preds[f"{case}__pred"].dtype == np.uint8 and preds[f"{case}__pred"].max() < 4
+        # each class's highest probability per slice (4 classes x 4 slices): where the argmax kept a class on a
+        # slice, that class had a probability of at least 1/4 there
+        classmax, pred = preds[f"{case}__classmax"].astype(np.float32), preds[f"{case}__pred"]
+        assert classmax.shape == (4, 4) and 0 <= classmax.min() and classmax.max() <= 1.001
+        present = np.array([[(pred[..., z] == c).any() for z in range(4)] for c in range(4)])
+        assert present.any() and (classmax[present] >= 0.25 - 1e-3).all()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["row_log.txt", "row_results.json",
                                                                       "row_val_preds.npz"]
     again = _run_experiment(tmp_path, monkeypatch, capsys, overrides, "--eval_tag", "lcc",
@@ -289,7 +295,10 @@ def test_report_counts_whole_slices_missed_and_the_dice_with_them_right():
     pred[..., 5] = 0  # the last slice blank: MYO's last slice missed (4 voxels)
     pred[1, 0:2, 1] = 2  # RV's first slice called MYO (2 voxels); the slice keeps foreground
     pred[1, 3, 0] = 3  # one false LV voxel, on no missed slice: it stays when the missed slices are put right
-    lines = report.missed_slice_table({"a": _Npz({"c1__label": label, "c1__pred": pred}),
+    # run A saved each class's highest probability per slice: its four missed slices get one of each bin
+    classmax = np.ones((4, 7), np.float16)
+    classmax[1, 1], classmax[2, 5], classmax[3, 2], classmax[3, 4] = 0.05, 0.2, 0.4, 0.7
+    lines = report.missed_slice_table({"a": _Npz({"c1__label": label, "c1__pred": pred, "c1__classmax": classmax}),
                                        "b": _Npz({"c1__label": label, "c1__pred": label})}, {"a": "run A"}).splitlines()
     assert lines[1] == "| | run A | b |"
     assert "| RV, slices missed (first / in between / last) | 1 (1 / 0 / 0) | 0 (0 / 0 / 0) |" in lines
@@ -302,6 +311,8 @@ def test_report_counts_whole_slices_missed_and_the_dice_with_them_right():
     # as predicted: RV 2*4/(6+4), MYO 2*20/(24+22), LV 2*12/(20+13); put right: RV 1, MYO 1, LV 2*20/(20+21)
     assert "| mean Dice (%) as predicted | 79.89 | 100.00 |" in lines
     assert "| mean Dice (%) with the missed slices right | 99.19 | 100.00 |" in lines
+    assert ("| missed slices by the class's highest probability on them (< 0.1 / 0.1-0.3 / 0.3-0.5 / >= 0.5) | "
+            "1 / 1 / 1 / 1 | n/a |") in lines
     # an apical LV pixel two pixels from the LV predicted on the slice before (and none after) does not touch it
     apex = np.zeros((4, 4, 3), np.uint8)
     apex[0:2, 0:2, :2] = 3
