@@ -394,9 +394,8 @@ def slice_position_table(preds: dict[str, dict], names: dict[str, str] | None = 
     return "\n".join(lines)
 
 
-# lower edges of the bins of a missed slice's highest class probability (missed_slice_table)
-MISSED_PROBABILITY_BINS = (0.0, 0.1, 0.3, 0.5)
-MISSED_PROBABILITY_LABEL = "< 0.1 / 0.1-0.3 / 0.3-0.5 / >= 0.5"
+# where the bins of a missed slice's highest class probability meet (missed_slice_table): < 0.1, 0.1-0.3, ...
+MISSED_PROBABILITY_EDGES = (0.1, 0.3, 0.5)
 
 
 def missed_slice_table(preds: dict[str, dict], names: dict[str, str] | None = None) -> str:
@@ -422,11 +421,13 @@ def missed_slice_table(preds: dict[str, dict], names: dict[str, str] | None = No
     cases = _common_cases(preds)
     labels = [next(iter(preds.values()))[f"{c}__label"] for c in cases]  # the same in every run
     rows: dict[str, dict[str, str]] = {}
+    edges = MISSED_PROBABILITY_EDGES
+    bins = " / ".join([f"< {edges[0]}", *(f"{a}-{b}" for a, b in zip(edges, edges[1:])), f">= {edges[-1]}"])
     for n, run_preds in preds.items():
         missed = {cls: [0, 0, 0, 0] for cls in CLASSES[1:]}  # first, in between, last; voxels
         blank = touching = 0
         has_probability = all(f"{case}__classmax" in run_preds.files for case in cases)
-        by_probability = [0] * len(MISSED_PROBABILITY_BINS)
+        by_probability = [0] * (len(edges) + 1)
         dice_as_is, dice_fixed = [], []
         for case, label in zip(cases, labels):
             pred = run_preds[f"{case}__pred"]
@@ -445,7 +446,7 @@ def missed_slice_table(preds: dict[str, dict], names: dict[str, str] | None = No
                     fixed[..., z][truth] = value
                     if has_probability:
                         highest = float(run_preds[f"{case}__classmax"][value, z])
-                        by_probability[sum(highest >= edge for edge in MISSED_PROBABILITY_BINS[1:])] += 1
+                        by_probability[sum(highest >= edge for edge in edges)] += 1
             dice_as_is.append(list(case_dice(pred, label, len(CLASSES)).values()))
             dice_fixed.append(list(case_dice(fixed, label, len(CLASSES)).values()))
         rows[n] = {f"{cls}, slices missed (first / in between / last)": f"{sum(m[:3])} ({m[0]} / {m[1]} / {m[2]})"
@@ -454,7 +455,7 @@ def missed_slice_table(preds: dict[str, dict], names: dict[str, str] | None = No
         rows[n]["missed slices whose truth touches the class on a neighbouring slice"] = (
             f"{touching} of {sum(sum(m[:3]) for m in missed.values())}")
         rows[n]["slices with foreground left blank"] = str(blank)
-        rows[n][f"missed slices by the class's highest probability on them ({MISSED_PROBABILITY_LABEL})"] = (
+        rows[n][f"missed slices by the class's highest probability on them ({bins})"] = (
             " / ".join(map(str, by_probability)) if has_probability else "n/a")
         rows[n]["mean Dice (%) as predicted"] = f"{100 * np.mean(dice_as_is):.2f}"
         rows[n]["mean Dice (%) with the missed slices right"] = f"{100 * np.mean(dice_fixed):.2f}"
