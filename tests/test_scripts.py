@@ -20,7 +20,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, requires_shared
 from fias_monai.data import make_demo_dataset
 
 TINY = {"network_def#embed_dims": [24, 48, 96, 192], "network_def#depths": [1, 1, 1, 1], "image_size": [64, 64],
@@ -435,3 +435,87 @@ def test_benchmark_weight_average_runs_each_variant(monkeypatch):
     assert list(medians) == ["off", "timm", "cached"] and all(r > 0 for r in medians.values())
     with pytest.raises(SystemExit, match="unknown variant"):
         bench.main(variants="off,swa", device="cpu")
+
+
+def _write_h5_folder(folder, volumes: dict) -> None:
+    import h5py
+
+    (folder / "volumes").mkdir(parents=True)
+    for name, (image, label) in volumes.items():
+        with h5py.File(folder / "volumes" / f"{name}.h5", "w") as h5:
+            h5["image"], h5["label"] = image, label
+    (folder / "train.list").write_text("a\nb\n")
+    (folder / "val.list").write_text("c\n")
+
+
+def _read_h5(path):
+    import h5py
+
+    with h5py.File(path, "r") as h5:
+        return h5["image"][()], h5["label"][()]
+
+
+def test_pack_acdc_h5_round_trip_is_bit_exact(tmp_path):
+    """Integer-form images go through lossless JPEG 2000 and come back bit for bit; a volume of arbitrary floats
+    is stored raw and comes back too; the lists travel; nothing is written over an existing file or folder."""
+    pack = _load_script("pack_acdc_h5")
+    rng = np.random.default_rng(0)
+    k = rng.integers(0, 978, size=(3, 40, 36))
+    k[0, 0, 0] = 977  # the volume's maximum, as min-max scaling leaves it
+    integer_image = (k / 977.0).astype(np.float32)
+    float_image = rng.random((2, 30, 20), dtype=np.float32) ** 3
+    labels = [rng.integers(0, 4, size=s.shape, dtype=np.uint8) for s in (integer_image, float_image)]
+    src = tmp_path / "src"
+    _write_h5_folder(src, {"p001_frame01": (integer_image, labels[0]), "p002_frame01": (float_image, labels[1])})
+    archive = tmp_path / "pack" / "acdc.npz"
+    pack.pack(str(src), str(archive))
+    stored = np.load(archive).files
+    assert "p001_frame01__j2k" in stored and "p001_frame01__raw" not in stored
+    assert "p002_frame01__raw" in stored
+    pack.unpack(str(archive), str(tmp_path / "dst"))
+    for name, image, label in (("p001_frame01", integer_image, labels[0]), ("p002_frame01", float_image, labels[1])):
+        got_image, got_label = _read_h5(tmp_path / "dst" / "volumes" / f"{name}.h5")
+        assert got_image.dtype == np.float32 and got_image.tobytes() == image.tobytes()
+        np.testing.assert_array_equal(got_label, label)
+    assert (tmp_path / "dst" / "train.list").read_text() == "a\nb\n"
+    assert (tmp_path / "dst" / "val.list").read_text() == "c\n"
+    with pytest.raises(SystemExit, match="exists"):
+        pack.unpack(str(archive), str(tmp_path / "dst"))
+    with pytest.raises(SystemExit, match="exists"):
+        pack.pack(str(src), str(archive))
+
+
+def test_pack_acdc_h5_refuses_a_tampered_archive(tmp_path):
+    """A rebuilt image that does not match the packed checksum stops the unpacking and names the volume."""
+    pack = _load_script("pack_acdc_h5")
+    image = (np.arange(2 * 16 * 16).reshape(2, 16, 16) % 50 / 49.0).astype(np.float32)
+    src = tmp_path / "src"
+    _write_h5_folder(src, {"p003_frame02": (image, np.zeros(image.shape, np.uint8))})
+    archive = tmp_path / "acdc.npz"
+    pack.pack(str(src), str(archive))
+    arrays = dict(np.load(archive))
+    arrays["p003_frame02__scale"] = np.array(int(arrays["p003_frame02__scale"]) + 1)
+    np.savez(archive, **arrays)
+    with pytest.raises(SystemExit, match="p003_frame02.*checksum"):
+        pack.unpack(str(archive), str(tmp_path / "dst"))
+
+
+@requires_shared("acdc", "volumes", "patient019_frame01.h5")
+def test_pack_acdc_h5_on_real_acdc_volumes(tmp_path):
+    """Two real ACDC volumes take the JPEG 2000 path (their images are k / M) and come back bit for bit."""
+    from conftest import SHARED_DATA
+
+    pack = _load_script("pack_acdc_h5")
+    src = tmp_path / "src"
+    (src / "volumes").mkdir(parents=True)
+    for name in ("patient019_frame01", "patient050_frame02"):
+        (src / "volumes" / f"{name}.h5").symlink_to(SHARED_DATA / "acdc" / "volumes" / f"{name}.h5")
+    archive = tmp_path / "acdc.npz"
+    pack.pack(str(src), str(archive))
+    assert {"patient019_frame01__j2k", "patient050_frame02__j2k"} <= set(np.load(archive).files)
+    pack.unpack(str(archive), str(tmp_path / "dst"))
+    for name in ("patient019_frame01", "patient050_frame02"):
+        image, label = _read_h5(src / "volumes" / f"{name}.h5")
+        got_image, got_label = _read_h5(tmp_path / "dst" / "volumes" / f"{name}.h5")
+        assert got_image.tobytes() == image.tobytes()
+        np.testing.assert_array_equal(got_label, label)
