@@ -79,6 +79,10 @@ NAMES = {
     "fias_m12_fr_clip_es4_h0sel_s4_tta": "FIAS-tiny, 12 minutes, end_slice_weight 4, seed 4, test-time flips",
     "fias_m12_fr_clip_es4_h0sel_s5": "FIAS-tiny, 12 minutes, acdc_12min.json with end_slice_weight 4, seed 5",
     "fias_m12_fr_clip_es4_h0sel_s5_tta": "FIAS-tiny, 12 minutes, end_slice_weight 4, seed 5, test-time flips",
+    "fias_m5_h0sel_s0": "FIAS-tiny, 5 minutes, acdc_12min.json's settings, 2D",
+    "fias_m5_h0sel_s1": "FIAS-tiny, 5 minutes, acdc_12min.json's settings, 2D, seed 1",
+    "fias_m5_h0sel_ctx1_s0": "FIAS-tiny, 5 minutes, acdc_12min.json's settings, 2.5D (context_slices 1)",
+    "fias_m5_h0sel_ctx1_s1": "FIAS-tiny, 5 minutes, acdc_12min.json's settings, 2.5D, seed 1",
     "swinunetr_m12_s2": "MONAI SwinUNETR-2D, 12-minute budget, seed 2",
     "swinunetr_m12_s2_tta": "MONAI SwinUNETR-2D, 12 minutes, seed 2, test-time flips",
     "fias_m6_h0sel": "FIAS-tiny, 6 minutes, acdc_12min.json's settings, feature mixing (7 subsets)",
@@ -515,7 +519,7 @@ def pooled_comparison(
     return out
 
 
-def _titled_figure(rows: list[np.ndarray], columns: list[str], cases: list[str], zs: list[tuple[int, int]],
+def _titled_figure(rows: list[np.ndarray], columns: list[str], cases: list[str], zs: list[tuple[int, int, str]],
                    per_case: dict[str, list[dict]], path: Path, gap: int = 2) -> None:
     """The panels of compare_panel (one row image per case, tiles ``gap`` pixels apart) with what the paper's
     figure states in text: column titles, the case and slice of each row, each prediction's 3D Dice per class
@@ -530,7 +534,7 @@ def _titled_figure(rows: list[np.ndarray], columns: list[str], cases: list[str],
     fig, axes = plt.subplots(len(rows), 1, figsize=(2.3 * n, 2.75 * len(rows)), dpi=120, squeeze=False,
                              gridspec_kw={"height_ratios": [r.shape[0] / w for r, w in zip(rows, widths)]})
     classes = CLASSES[1:]  # the foreground classes
-    for ax, row, w, case, (z, depth) in zip(axes[:, 0], rows, widths, cases, zs):
+    for ax, row, w, case, (z, depth, why) in zip(axes[:, 0], rows, widths, cases, zs):
         ax.imshow(row)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -540,7 +544,7 @@ def _titled_figure(rows: list[np.ndarray], columns: list[str], cases: list[str],
         centres = [(tile + gap) * i + tile / 2 for i in range(n)]
         for x, title in zip(centres, columns):  # wrapped to the tile: long run names would run into their neighbours
             ax.text(x, -6, textwrap.fill(title, 24), ha="center", va="bottom", fontsize=7.5)
-        ax.set_ylabel(f"{case}\nslice {z} of {depth} (0-based,\nthe most ground truth)", fontsize=7.5)
+        ax.set_ylabel(f"{case}\nslice {z} of {depth} (0-based,\n{why})", fontsize=7.5)
         for x, name in zip(centres[2:], per_case):
             dice = {d["class_name"]: 100 * float(d["dice"]) for d in per_case[name] if d["case"] == case}
             if dice:
@@ -571,7 +575,8 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         curve: comma-separated run names drawn in the validation curve.
         figure: comma-separated run names of the qualitative figure's columns.
         cases: comma-separated saved volumes shown as rows (default: the first and the last volume the
-            first figure run saved: patient019 and patient021, the case min-max scaling made hard).
+            first figure run saved: patient019 and patient021, the case min-max scaling made hard), each at its
+            slice with the most ground truth, or at slice z with ``case:z`` (e.g. ``patient050_frame01:8``).
         tag: appended to the two PNG names (``--tag _minmax`` for the previous recipe's runs).
         confusion: comma-separated run names whose saved volumes' voxel confusion is printed (where each
             run's errors go: ``confusion_table``).
@@ -699,14 +704,21 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
 
         ref = saved_preds[order[0]]
         saved = sorted({k.split("__")[0] for k in ref.files})
-        cases = _names(cases) if cases else sorted({saved[0], saved[-1]})
-        panels, zs = [], []
-        for case in cases:
+        rows = _names(cases) if cases else sorted({saved[0], saved[-1]})
+        panels, zs, cases = [], [], []
+        for row in rows:  # "case" (its slice with the most ground truth) or "case:z" (slice z)
+            case, _, chosen = row.partition(":")
+            if case not in saved:
+                raise SystemExit(f"--cases {row}: {case} is not among {order[0]}'s saved volumes ({', '.join(saved)})")
             image, label = ref[f"{case}__image"], ref[f"{case}__label"]
-            z = int(np.argmax((label > 0).sum(axis=(0, 1))))
-            zs.append((z, label.shape[-1]))
+            depth = label.shape[-1]
+            if chosen and not (chosen.isdigit() and int(chosen) < depth):
+                raise SystemExit(f"--cases {row}: {case} has slices 0 to {depth - 1}")
+            z = int(chosen) if chosen else int(np.argmax((label > 0).sum(axis=(0, 1))))
+            zs.append((z, depth, "chosen" if chosen else "the most ground truth"))
+            cases.append(case)
             panels.append(compare_panel(image, label, {NAMES.get(n, n): saved_preds[n][f"{case}__pred"] for n in order},
-                                        out_dir / f".panel_{case}.png", slices=[z]))
+                                        out_dir / f".panel_{len(panels)}.png", slices=[z]))
         _titled_figure([plt.imread(p) for p in panels], ["image", "ground truth", *(NAMES.get(n, n) for n in order)],
                        cases, zs, {n: results.get(n, {}).get("per_case", []) for n in order},
                        out_dir / f"acdc_qualitative{tag}.png")

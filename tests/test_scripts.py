@@ -519,3 +519,28 @@ def test_pack_acdc_h5_on_real_acdc_volumes(tmp_path):
         got_image, got_label = _read_h5(tmp_path / "dst" / "volumes" / f"{name}.h5")
         assert got_image.tobytes() == image.tobytes()
         np.testing.assert_array_equal(got_label, label)
+
+
+def test_report_figure_rows_at_chosen_slices(tmp_path, capsys):
+    """``--cases case:z`` shows slice z (one case may be two rows); a slice or case the run did not save is named."""
+    import matplotlib.pyplot as plt
+
+    report = _load_script("report_acdc")
+    runs, out = tmp_path / "runs", tmp_path / "docs"
+    runs.mkdir()
+    label = np.zeros((24, 24, 4), np.uint8)
+    label[6:18, 6:18, :3] = 2
+    label[10:14, 10:14, 3] = 3  # the last slice: only a small LV
+    pred = label.copy()
+    pred[..., 3] = 0  # the run leaves it empty
+    np.savez(runs / "a_val_preds.npz", p1_frame01__image=np.ones(label.shape, np.float32), p1_frame01__label=label,
+             p1_frame01__pred=pred)
+    report.main(runs=str(runs), out=str(out), curve="", figure="a", cases="p1_frame01:3,p1_frame01", tag="_z")
+    assert "cases ['p1_frame01', 'p1_frame01']" in capsys.readouterr().out
+    figure = plt.imread(out / "acdc_qualitative_z.png")
+    assert figure.shape[0] > 2 * 150  # two rows
+    assert not list(out.glob(".panel*"))  # the panels removed
+    with pytest.raises(SystemExit, match="p1_frame01 has slices 0 to 3"):
+        report.main(runs=str(runs), out=str(out), curve="", figure="a", cases="p1_frame01:4")
+    with pytest.raises(SystemExit, match="p9_frame01 is not among a's saved volumes"):
+        report.main(runs=str(runs), out=str(out), curve="", figure="a", cases="p9_frame01")
