@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
+from fias_monai.data.io import InvalidCaseError, read_h5_arrays
 from fias_monai.utils import atomic_path
 
 LISTS = ("train.list", "val.list")
@@ -77,10 +78,11 @@ def pack(src: str, out: str) -> str:
     arrays: dict[str, np.ndarray] = {}
     for path in files:
         name = path.stem
-        with h5py.File(path, "r") as h5:
-            if "image" not in h5 or "label" not in h5:
-                raise SystemExit(f"{path}: needs the keys 'image' and 'label', has {sorted(h5.keys())}")
-            image, label = h5["image"][()], h5["label"][()]
+        try:  # the converters' reader: a missing, corrupt or keyless file is named with what is wrong
+            volume = read_h5_arrays(path, ("image", "label"))
+        except InvalidCaseError as e:
+            raise SystemExit(str(e)) from e
+        image, label = volume["image"], volume["label"]
         arrays[f"{name}__label"] = label
         arrays[f"{name}__sha"] = np.array(_sha(image))
         integer = _integer_form(image) if image.ndim == 3 else None

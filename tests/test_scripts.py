@@ -20,8 +20,9 @@ import json
 import numpy as np
 import pytest
 
-from conftest import REPO, requires_shared
+from conftest import REPO, requires_shared, write_h5
 from fias_monai.data import make_demo_dataset
+from fias_monai.data.io import read_h5_arrays
 
 TINY = {"network_def#embed_dims": [24, 48, 96, 192], "network_def#depths": [1, 1, 1, 1], "image_size": [64, 64],
         "epochs": 1, "batch_size": 2, "num_workers": 0, "cache_workers": 1}
@@ -438,21 +439,16 @@ def test_benchmark_weight_average_runs_each_variant(monkeypatch):
 
 
 def _write_h5_folder(folder, volumes: dict) -> None:
-    import h5py
-
     (folder / "volumes").mkdir(parents=True)
     for name, (image, label) in volumes.items():
-        with h5py.File(folder / "volumes" / f"{name}.h5", "w") as h5:
-            h5["image"], h5["label"] = image, label
+        write_h5(folder / "volumes" / f"{name}.h5", image, label)
     (folder / "train.list").write_text("a\nb\n")
     (folder / "val.list").write_text("c\n")
 
 
 def _read_h5(path):
-    import h5py
-
-    with h5py.File(path, "r") as h5:
-        return h5["image"][()], h5["label"][()]
+    arrays = read_h5_arrays(path, ("image", "label"))
+    return arrays["image"], arrays["label"]
 
 
 def test_pack_acdc_h5_round_trip_is_bit_exact(tmp_path):
