@@ -185,6 +185,7 @@ NAMES = {
 CURVE_RUNS = "fias_v10_h100,fias_v10,fias_v10_fr,basicunet_v10"
 FIGURE_RUNS = "fias_v9,basicunet_v9,swinunetr_v9"
 _TS = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
+_TRAINER = r" - ignite\.engine\.engine\.\w*SupervisedTrainer - INFO - "  # the trainer's own log lines
 
 
 def _ts(text: str) -> datetime:
@@ -194,8 +195,7 @@ def _ts(text: str) -> datetime:
 def curve_from_log(log: str) -> list[dict]:
     """(seconds since the trainer started, val mean Dice) for every validation in a training log."""
     train_part = log.split("$ ")[1] if "$ " in log else log
-    start = re.search(_TS + r" - ignite\.engine\.engine\.\w*SupervisedTrainer - INFO - Engine run (?:resuming|starting)",
-                      train_part)
+    start = re.search(_TS + _TRAINER + r"Engine run (?:resuming|starting)", train_part)
     if not start:
         return []
     t0 = _ts(start.group(1))
@@ -212,17 +212,36 @@ def _from_training_log(name: str, log: str, gpu: str = "", commit: str = "") -> 
     validation mean Dice of training (the same protocol metric on the same volumes as the evaluation, without
     per-class values or HD95). The row's config, commit and card come from the line run_experiment writes before
     training (``# run_experiment: {...}``); logs older than that line name only the command, and ``gpu`` /
-    ``commit`` (main's ``log_gpu`` / ``log_commit``) say the rest, else "unknown"."""
+    ``commit`` (main's ``log_gpu`` / ``log_commit``) say the rest, else "unknown".
+
+    A log without the trainer's budget line is a training cut off before its budget ended (the device machine
+    went back mid-run): the note says so, and ``cut_after_epoch`` / ``cut_at_minutes`` (since the trainer
+    started) say where, as its best validation is then a lower bound of the finished run's, not its result."""
     best = re.findall(r"Key metric: val_mean_dice best value: ([0-9.]+) at epoch: (\d+)", log)
     stop = re.search(r"time budget of ([0-9.]+) min reached after epoch (\d+) \(([0-9.]+) min elapsed\)", log)
     facts = re.search(r"^# run_experiment: (\{.*\})$", log, re.M)
     facts = json.loads(facts.group(1)) if facts else {}
     command = re.search(r"^\$ \S+ (-m monai\.bundle run training .*)$", log, re.M)
     configs = re.search(r"--config_file (\[[^]]*\])", command.group(1)) if command else None
+    note = ("the evaluation did not finish; mean DSC is the best validation mean Dice logged during training "
+            "(same protocol and volumes), without per-class values or HD95")
+    cut = {}
+    if stop is None:
+        curve = curve_from_log(log)
+        epochs = re.findall(_TS + _TRAINER + r"Epoch\[(\d+)\] Complete", log)
+        start = re.search(_TS + _TRAINER + r"Engine run (?:resuming|starting)", log)
+        if epochs and start:
+            cut = {"cut_after_epoch": int(epochs[-1][1]),
+                   "cut_at_minutes": round((_ts(epochs[-1][0]) - _ts(start.group(1))).total_seconds() / 60, 2)}
+        note = ("training was cut off before its time budget ended" + (
+            f" (the log ends after epoch {cut['cut_after_epoch']}, {cut['cut_at_minutes']} min after the trainer "
+            "started)" if cut else "") + "; mean DSC is the best validation mean Dice logged up to then (same "
+            "protocol and volumes as the evaluation), a lower bound of the finished run's, without per-class "
+            f"values or HD95 ({len(curve)} validations)")
     return {
         "name": name,
-        "note": "the evaluation did not finish; mean DSC is the best validation mean Dice logged during training "
-                "(same protocol and volumes), without per-class values or HD95",
+        "note": note,
+        **cut,
         "overlays": facts.get("overlays", ast.literal_eval(configs.group(1))[1:] if configs else []),
         "overrides": facts.get("overrides", {}),
         "command": "python " + command.group(1) if command else "",
@@ -628,8 +647,9 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         by = {row["class_name"]: row for row in r["summary"]}
         pct = lambda c: f"{100 * float(by[c]['dice']):.2f}" if c in by else "n/a"  # noqa: E731
         hd = f"{float(by['mean']['hd95']):.2f}" if by.get("mean", {}).get("hd95") not in (None, "") else "n/a"
+        minutes = f"cut at {r['cut_at_minutes']}" if "cut_at_minutes" in r else r["train_wall_minutes_incl_caching"]
         print(f"| {NAMES.get(name, name)} | {pct('mean')} | {pct('RV')} | {pct('MYO')} | {pct('LV')} | "
-              f"{hd} | {r['epochs_trained']} | {r['train_wall_minutes_incl_caching']} | {r['gpu']} |")
+              f"{hd} | {r['epochs_trained']} | {minutes} | {r['gpu']} |")
         first90 = next((row["time_s"] for row in r["val_history"] if row["val_mean_dice"] >= 0.90), None)
         print(f"  {name}: first val mean Dice >= 0.90 at "
               f"{'%.1f min' % (first90 / 60) if first90 is not None else 'never'}; "

@@ -412,6 +412,32 @@ def test_report_keeps_a_row_whose_evaluation_never_finished_with_its_own_facts(t
     assert g["summary"][0]["best_epoch"] == "2" and "did not finish" in g["note"]
 
 
+
+def test_report_says_a_row_cut_off_in_training_is_a_lower_bound(tmp_path, capsys):
+    # the device machine went back mid-training: no budget line, so the row is the best validation so far, and its
+    # JSON says where the log ends instead of a training time it never reached
+    report = _load_script("report_acdc")
+    runs, out = tmp_path / "runs", tmp_path / "docs"
+    runs.mkdir()
+    trainer = " - ignite.engine.engine.GraphedSupervisedTrainer - INFO - "
+    log = ("$ /venv/bin/python3 -m monai.bundle run training --config_file ['bundle/configs/train.json', "
+           "'bundle/configs/acdc.json'] --max_minutes 20\n"
+           f"2026-11-28 20:10:40,000{trainer}Engine run starting with max_epochs=1000.\n"
+           "2026-11-28 20:14:40,000 - INFO - Epoch[5] Metrics -- val_mean_dice: 0.9000\n"
+           "x - Key metric: val_mean_dice best value: 0.9 at epoch: 5\n"
+           f"2026-11-28 20:14:41,000{trainer}Epoch[5] Complete. Time taken: 00:00:03.423\n"
+           f"2026-11-28 20:27:40,600{trainer}Epoch[6] Complete. Time taken: 00:00:03.423\n"
+           # the evaluator's epochs are not the trainer's
+           "2026-11-28 20:30:44,000 - ignite.engine.engine.SupervisedEvaluator - INFO - Epoch[6] Complete. x\n")
+    (runs / "c_log.txt").write_text(log)
+    report.main(runs=str(runs), out=str(out), curve="", figure="", log_gpu="NVIDIA H200", log_commit="abc")
+    assert "| c | 90.00 | n/a | n/a | n/a | n/a | 6 | cut at 17.01 | NVIDIA H200 |" in capsys.readouterr().out
+    c = json.loads((out / "results" / "c.json").read_text())
+    assert (c["cut_after_epoch"], c["cut_at_minutes"], c["train_wall_minutes_incl_caching"]) == (6, 17.01, None)
+    assert c["note"].startswith("training was cut off before its time budget ended (the log ends after epoch 6, "
+                                "17.01 min after the trainer started)") and "lower bound" in c["note"]
+    assert "(1 validations)" in c["note"] and "did not finish" not in c["note"]
+
 class _Npz(dict):
     """The mapping part of np.load's NpzFile that confusion_table reads."""
 
