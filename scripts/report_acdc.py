@@ -218,9 +218,10 @@ def _from_training_log(name: str, log: str, gpu: str = "", commit: str = "") -> 
     training (``# run_experiment: {...}``); logs older than that line name only the command, and ``gpu`` /
     ``commit`` (main's ``log_gpu`` / ``log_commit``) say the rest, else "unknown".
 
-    A log without the trainer's budget line is a training cut off before its budget ended (the device machine
-    went back mid-run): the note says so, and ``cut_after_epoch`` / ``cut_at_minutes`` (since the trainer
-    started) say where, as its best validation is then a lower bound of the finished run's, not its result."""
+    A log in which the trainer neither reached its time budget nor finished its run (an epoch-bound run ends
+    with ignite's "Engine run finished") is a training cut off midway (the device machine went back): the note
+    says so, and ``cut_after_epoch`` / ``cut_at_minutes`` (since the trainer started) say where, as its best
+    validation is then a lower bound of the finished run's, not its result."""
     best = re.findall(r"Key metric: val_mean_dice best value: ([0-9.]+) at epoch: (\d+)", log)
     stop = re.search(r"time budget of ([0-9.]+) min reached after epoch (\d+) \(([0-9.]+) min elapsed\)", log)
     facts = re.search(r"^# run_experiment: (\{.*\})$", log, re.M)
@@ -230,8 +231,8 @@ def _from_training_log(name: str, log: str, gpu: str = "", commit: str = "") -> 
     note = ("the evaluation did not finish; mean DSC is the best validation mean Dice logged during training "
             "(same protocol and volumes), without per-class values or HD95")
     cut = {}
-    if stop is None:
-        curve = curve_from_log(log)
+    if stop is None and not re.search(_TRAINER + "Engine run finished", log):
+        validations = len(curve_from_log(log))
         epochs = re.findall(_TS + _TRAINER + r"Epoch\[(\d+)\] Complete", log)
         start = re.search(_TS + _TRAINER + r"Engine run (?:resuming|starting)", log)
         if epochs and start:
@@ -241,7 +242,7 @@ def _from_training_log(name: str, log: str, gpu: str = "", commit: str = "") -> 
             f" (the log ends after epoch {cut['cut_after_epoch']}, {cut['cut_at_minutes']} min after the trainer "
             "started)" if cut else "") + "; mean DSC is the best validation mean Dice logged up to then (same "
             "protocol and volumes as the evaluation), a lower bound of the finished run's, without per-class "
-            f"values or HD95 ({len(curve)} validations)")
+            f"values or HD95 ({validations} validation{'s' * (validations != 1)})")
     return {
         "name": name,
         "note": note,

@@ -412,7 +412,6 @@ def test_report_keeps_a_row_whose_evaluation_never_finished_with_its_own_facts(t
     assert g["summary"][0]["best_epoch"] == "2" and "did not finish" in g["note"]
 
 
-
 def test_report_says_a_row_cut_off_in_training_is_a_lower_bound(tmp_path, capsys):
     # the device machine went back mid-training: no budget line, so the row is the best validation so far, and its
     # JSON says where the log ends instead of a training time it never reached
@@ -430,13 +429,17 @@ def test_report_says_a_row_cut_off_in_training_is_a_lower_bound(tmp_path, capsys
            # the evaluator's epochs are not the trainer's
            "2026-11-28 20:30:44,000 - ignite.engine.engine.SupervisedEvaluator - INFO - Epoch[6] Complete. x\n")
     (runs / "c_log.txt").write_text(log)
+    # an epoch-bound run (no time budget) that finished: only its evaluation is missing, it was not cut
+    (runs / "d_log.txt").write_text(log + f"2026-11-28 20:30:45,000{trainer}Engine run finished. Time taken: x\n")
     report.main(runs=str(runs), out=str(out), curve="", figure="", log_gpu="NVIDIA H200", log_commit="abc")
     assert "| c | 90.00 | n/a | n/a | n/a | n/a | 6 | cut at 17.01 | NVIDIA H200 |" in capsys.readouterr().out
-    c = json.loads((out / "results" / "c.json").read_text())
+    c, d = (json.loads((out / "results" / f"{n}.json").read_text()) for n in "cd")
     assert (c["cut_after_epoch"], c["cut_at_minutes"], c["train_wall_minutes_incl_caching"]) == (6, 17.01, None)
     assert c["note"].startswith("training was cut off before its time budget ended (the log ends after epoch 6, "
                                 "17.01 min after the trainer started)") and "lower bound" in c["note"]
-    assert "(1 validations)" in c["note"] and "did not finish" not in c["note"]
+    assert "(1 validation)" in c["note"] and "did not finish" not in c["note"]
+    assert "cut_after_epoch" not in d and d["note"].startswith("the evaluation did not finish")
+
 
 class _Npz(dict):
     """The mapping part of np.load's NpzFile that confusion_table reads."""
