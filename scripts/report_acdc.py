@@ -196,13 +196,23 @@ def _ts(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f")
 
 
+def _training_part(log: str) -> str:
+    """A run_experiment log's training, before the evaluation's command line (each starts with ``$ ``)."""
+    return log.split("$ ")[1] if "$ " in log else log
+
+
+def _trainer_start(train_part: str) -> datetime | None:
+    """When the trainer started (or resumed) in the training part of a log, or None if it never did."""
+    start = re.search(_TS + _TRAINER + r"Engine run (?:resuming|starting)", train_part)
+    return _ts(start.group(1)) if start else None
+
+
 def curve_from_log(log: str) -> list[dict]:
     """(seconds since the trainer started, val mean Dice) for every validation in a training log."""
-    train_part = log.split("$ ")[1] if "$ " in log else log
-    start = re.search(_TS + _TRAINER + r"Engine run (?:resuming|starting)", train_part)
-    if not start:
+    train_part = _training_part(log)
+    t0 = _trainer_start(train_part)
+    if t0 is None:
         return []
-    t0 = _ts(start.group(1))
     rows = []
     for m in re.finditer(_TS + r" - INFO - Epoch\[\d+\] Metrics -- val_mean_dice: ([0-9.]+)", train_part):
         rows.append({"time_s": (_ts(m.group(1)) - t0).total_seconds(), "val_mean_dice": float(m.group(2))})
@@ -230,19 +240,19 @@ def _from_training_log(name: str, log: str, gpu: str = "", commit: str = "") -> 
     configs = re.search(r"--config_file (\[[^]]*\])", command.group(1)) if command else None
     note = ("the evaluation did not finish; mean DSC is the best validation mean Dice logged during training "
             "(same protocol and volumes), without per-class values or HD95")
-    cut = {}
+    curve, cut = curve_from_log(log), {}
     if stop is None and not re.search(_TRAINER + "Engine run finished", log):
-        validations = len(curve_from_log(log))
-        epochs = re.findall(_TS + _TRAINER + r"Epoch\[(\d+)\] Complete", log)
-        start = re.search(_TS + _TRAINER + r"Engine run (?:resuming|starting)", log)
-        if epochs and start:
+        train_part = _training_part(log)
+        epochs = re.findall(_TS + _TRAINER + r"Epoch\[(\d+)\] Complete", train_part)
+        t0 = _trainer_start(train_part)
+        if epochs and t0 is not None:
             cut = {"cut_after_epoch": int(epochs[-1][1]),
-                   "cut_at_minutes": round((_ts(epochs[-1][0]) - _ts(start.group(1))).total_seconds() / 60, 2)}
+                   "cut_at_minutes": round((_ts(epochs[-1][0]) - t0).total_seconds() / 60, 2)}
         note = ("training was cut off before its time budget ended" + (
             f" (the log ends after epoch {cut['cut_after_epoch']}, {cut['cut_at_minutes']} min after the trainer "
             "started)" if cut else "") + "; mean DSC is the best validation mean Dice logged up to then (same "
             "protocol and volumes as the evaluation), a lower bound of the finished run's, without per-class "
-            f"values or HD95 ({validations} validation{'s' * (validations != 1)})")
+            f"values or HD95 ({len(curve)} validation{'s' * (len(curve) != 1)})")
     return {
         "name": name,
         "note": note,
@@ -255,7 +265,8 @@ def _from_training_log(name: str, log: str, gpu: str = "", commit: str = "") -> 
         "train_wall_minutes_incl_caching": float(stop.group(3)) if stop else None,
         "summary": [{"class_index": "all", "class_name": "mean", "dice": best[-1][0], "hd95": "",
                      "best_epoch": best[-1][1]}] if best else [],
-        "val_history": [],
+        "val_history": curve,
+        "val_history_source": "parsed from the training log timestamps",
     }
 
 
@@ -639,7 +650,7 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
             history = curve_from_log(log)
             r["val_history_source"] = "parsed from the training log timestamps"
         r["val_history"] = [{k: float(v) for k, v in row.items()} for row in history]
-        epochs = re.findall(r"Epoch\[(\d+)\] Complete", log.split("$ ")[1] if "$ " in log else log)
+        epochs = re.findall(r"Epoch\[(\d+)\] Complete", _training_part(log))
         # the log may hold only an evaluation (a re-run after a cut-off call): the curve counts epochs too
         r["epochs_trained"] = max([int(e) for e in epochs] + [len(r["val_history"])]) or None
         # r keeps per_case in the docs' JSON since session 13: per-volume comparisons with later rows need it
