@@ -21,7 +21,7 @@ from monai.handlers import ValidationHandler
 from .utils import atomic_path
 
 __all__ = ["atomic_torch_save", "LastCheckpointHandler", "BestModelSaver", "ProgressBarHandler", "TimeBudgetHandler",
-           "MetricHistoryHandler", "OverlayHandler", "ThroughputHandler", "PeriodicValidationHandler",
+           "TrainingClock", "MetricHistoryHandler", "OverlayHandler", "ThroughputHandler", "PeriodicValidationHandler",
            "TerminateOnNanHandler", "ReleaseLoaderWorkersHandler", "WeightAverageHandler"]
 
 logger = logging.getLogger(__name__)
@@ -266,6 +266,37 @@ def _loss(output) -> float:
     return loss.item() if isinstance(loss, torch.Tensor) else float(loss)
 
 
+class TrainingClock:
+    """The wall-clock seconds a training run has trained, carried across a resume.
+
+    :class:`TimeBudgetHandler` starts it when the trainer starts and reads it for the lr and the stop. As an
+    entry of :class:`LastCheckpointHandler`'s ``save_dict`` it is kept in ``last.pt``, so that a resumed run
+    counts on from the time trained before the checkpoint instead of starting a fresh budget at the top of
+    the cosine. The time between the last checkpoint and a kill is trained again and counted once; the
+    restart itself (loading, caching, compiling) is not counted. The bundle makes it a config item of its
+    own, ``training_clock``, so that ``last.pt`` names it without referring to the handler's place in
+    ``train#handlers``, where MONAI Label inserts its checkpoint loader.
+    """
+
+    def __init__(self) -> None:
+        self.before_s = 0.0  # trained before a resume
+        self.started_at = None
+
+    def start(self) -> None:
+        self.started_at = time.monotonic()
+
+    def seconds(self) -> float:
+        """Seconds trained, including those before a resume."""
+        return self.before_s + (time.monotonic() - self.started_at if self.started_at is not None else 0.0)
+
+    def state_dict(self) -> dict:
+        return {"seconds": self.seconds()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.before_s = float(state["seconds"])
+        logger.info("training clock: %.1f min trained before the resume", self.before_s / 60)
+
+
 class TimeBudgetHandler:
     """Train for a wall-clock budget: cosine learning-rate decay over the budget's elapsed fraction,
     and a stop at the end of the last epoch that fits.
@@ -279,19 +310,21 @@ class TimeBudgetHandler:
         min_lr_ratio: the lr at the end of the budget, relative to the initial lr (1.0: constant).
         warmup_iterations: linear warm-up over the first iterations (the lr of iteration ``i`` is
             multiplied by ``i / warmup_iterations``), as the epoch schedule's warm-up does.
+        clock: the :class:`TrainingClock` that counts the time trained (give the one the resume checkpoint
+            keeps); None: a clock of its own, which a resume does not restore.
 
     Under DDP (attach it on every rank) rank 0's clock decides the lr and the stop for all ranks.
     """
 
     def __init__(self, minutes: float | None, optimizer: torch.optim.Optimizer, min_lr_ratio: float = 0.01,
-                 warmup_iterations: int = 0) -> None:
+                 warmup_iterations: int = 0, clock: TrainingClock | None = None) -> None:
         # None or 0 switch the budget off (0 because MONAI's bundle CLI drops None overrides)
         self.budget_s = 60.0 * float(minutes) if minutes else None
         self.optimizer = optimizer
         self.min_lr_ratio = min_lr_ratio
         self.warmup_iterations = int(warmup_iterations)
         self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
-        self.start = None
+        self.clock = TrainingClock() if clock is None else clock
         self.epoch_start = None
 
     def attach(self, engine: Engine) -> None:
@@ -303,10 +336,10 @@ class TimeBudgetHandler:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._maybe_stop)
 
     def elapsed(self) -> float:
-        return time.monotonic() - self.start
+        return self.clock.seconds()
 
     def _started(self, engine: Engine) -> None:
-        self.start = time.monotonic()
+        self.clock.start()
 
     def _epoch_started(self, engine: Engine) -> None:
         self.epoch_start = time.monotonic()

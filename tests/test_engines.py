@@ -105,7 +105,6 @@ def test_time_budget_updates_a_tensor_lr_in_place():
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, capturable=True)
     budget = TimeBudgetHandler(1.0, opt, min_lr_ratio=0.0)
     lr = opt.param_groups[0]["lr"] = torch.tensor(1e-3)
-    budget.start = 0.0
     budget.elapsed = lambda: 30.0  # half the budget: cosine gives half the lr
     budget._set_lr(None)
     assert opt.param_groups[0]["lr"] is lr

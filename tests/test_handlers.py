@@ -12,6 +12,7 @@ from fias_monai.handlers import (
     PeriodicValidationHandler,
     ThroughputHandler,
     TimeBudgetHandler,
+    TrainingClock,
     WeightAverageHandler,
     atomic_torch_save,
 )
@@ -158,6 +159,40 @@ def test_time_budget_decays_lr_and_stops(monkeypatch):
     assert trainer.state.epoch == 5  # epoch 5 ends at 60 s exactly; a 6th would overrun the budget
     assert lrs[0] == 1.0 and lrs[-1] < lrs[0]
     assert math.isclose(lrs[2], 0.5 * (1 + math.cos(math.pi * 12 / 60)))
+
+
+def test_time_budget_resumes_with_the_time_already_trained(monkeypatch, tmp_path):
+    # 12-s epochs in a 60-s budget, the run stopped after epoch 3 (36 s) and resumed from last.pt: the lr goes on
+    # from 36/60 of the cosine, and the budget ends after epoch 5, not 5 epochs after the restart
+    import fias_monai.handlers as h
+
+    now = {"t": 0.0}
+    monkeypatch.setattr(h.time, "monotonic", lambda: now["t"])
+
+    def run(max_epochs, resume):
+        net = torch.nn.Linear(1, 1)
+        opt = torch.optim.SGD(net.parameters(), lr=1.0)
+        lrs = []
+
+        def step(engine, batch):
+            lrs.append(opt.param_groups[0]["lr"])
+            now["t"] += 6.0
+            return 0.0
+
+        trainer = Engine(step)
+        clock = TrainingClock()
+        TimeBudgetHandler(1.0, opt, min_lr_ratio=0.0, clock=clock).attach(trainer)
+        LastCheckpointHandler(tmp_path, {"model": net, "optimizer": opt, "training_clock": clock},
+                              resume=resume).attach(trainer)
+        trainer.run([0, 1], max_epochs=max_epochs)
+        return trainer, lrs
+
+    run(max_epochs=3, resume=False)
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["training_clock"] == {"seconds": 36.0}
+    now["t"] += 500.0  # the restart is not training time
+    resumed, lrs = run(max_epochs=100, resume=True)
+    assert resumed.state.epoch == 5 and len(lrs) == 4
+    assert math.isclose(lrs[0], 0.5 * (1 + math.cos(math.pi * 36 / 60)))
 
 
 @pytest.mark.parametrize("minutes", [None, 0, 0.0])

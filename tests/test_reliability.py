@@ -627,13 +627,14 @@ def _last(path: Path) -> dict:
 
 def test_training_killed_mid_epoch_resumes_from_last_checkpoint(tmp_path):
     # 2 training volumes of 10 slices, batch 2: 10 iterations an epoch (~0.1 s each here), so that the kill at
-    # iteration 2 of epoch 2 leaves 8 iterations and a validation (~1 s) before epoch 2 could end
+    # iteration 2 of epoch 2 leaves 8 iterations and a validation (~1 s) before epoch 2 could end. A time budget
+    # far longer than the run: the time trained before the kill must travel in last.pt
     make_demo_dataset(tmp_path / "demo", num_train=2, num_val=1, shape=(64, 64, 10))
     bundle = tmp_path / "bundle"
     last = bundle / "models" / "last.pt"
     cmd = [PY, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.json"),
            "--bundle_root", str(bundle), "--dataset_dir", str(tmp_path / "demo"), "--epochs", "3",
-           "--batch_size", "2", "--num_workers", "0", "--cache_workers", "1", *TINY_CLI]
+           "--batch_size", "2", "--num_workers", "0", "--cache_workers", "1", "--max_minutes", "60", *TINY_CLI]
     log1 = open(tmp_path / "run1.log", "w")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log1, stderr=subprocess.STDOUT, env=ENV)
     try:
@@ -661,12 +662,15 @@ def test_training_killed_mid_epoch_resumes_from_last_checkpoint(tmp_path):
     best_after_1 = ckpt["best"]["best_metric"]
     assert best_after_1 > -float("inf") and ckpt["best"]["best_epoch"] == 1
     assert not [p for p in last.parent.iterdir() if p.name.startswith(".")], "no temp file left by the kill"
+    trained_s = ckpt["training_clock"]["seconds"]
+    assert 0 < trained_s < 400
 
     proc2 = subprocess.run(cmd + ["--resume", "true"], cwd=REPO, capture_output=True, text=True, env=ENV,
                            timeout=300)
     log = proc2.stdout + proc2.stderr
     assert proc2.returncode == 0, log[-3000:]
     assert f"resumed from {last} at epoch 1" in log
+    assert f"training clock: {trained_s / 60:.1f} min trained before the resume" in log
     assert "SupervisedTrainer - INFO - Epoch[1] Complete" not in log
     assert "SupervisedTrainer - INFO - Epoch[2] Complete" in log
     assert "SupervisedTrainer - INFO - Epoch[3] Complete" in log
@@ -677,3 +681,4 @@ def test_training_killed_mid_epoch_resumes_from_last_checkpoint(tmp_path):
     assert final["optimizer"]["state"], "optimizer moments saved"
     assert final["best"]["best_metric"] >= best_after_1  # kept, not reset
     assert final["lr_scheduler"]["last_epoch"] == final["trainer"]["iteration"]
+    assert final["training_clock"]["seconds"] > trained_s  # counted on from the time before the kill
