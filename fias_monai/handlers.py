@@ -10,6 +10,7 @@ import logging
 import math
 import time
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import ignite.distributed as idist
@@ -119,6 +120,8 @@ class LastCheckpointHandler:
         save_dict: objects with ``state_dict``/``load_state_dict`` (network, optimizer, scheduler,
             a :class:`BestModelSaver`...).
         resume: load the checkpoint at start when it exists.
+        optional_keys: ``save_dict`` entries a checkpoint may lack (written by an older bundle): left as
+            they are, with a warning, where any other missing entry is an error.
         filename: checkpoint file name.
         save_interval: save after every this many epochs (and always after the last one). FIAS-tiny's
             model and Adam state are 0.45 GB, about 1.3 s to write after each 4.8-s training
@@ -126,13 +129,14 @@ class LastCheckpointHandler:
     """
 
     def __init__(self, save_dir: str | os.PathLike, save_dict: dict, resume: bool = False,
-                 filename: str = "last.pt", save_interval: int = 1) -> None:
+                 filename: str = "last.pt", save_interval: int = 1, optional_keys: Sequence[str] = ()) -> None:
         from .transforms import as_bool  # the bundle CLI passes "false" as a (truthy) string
 
         self.path = Path(save_dir) / filename
         self.save_dict = {k: v for k, v in save_dict.items() if v is not None}
         self.resume = as_bool(resume, "resume")
         self.save_interval = _positive_epochs(save_interval, "save_interval")
+        self.optional_keys = set(optional_keys)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.load)
@@ -158,6 +162,9 @@ class LastCheckpointHandler:
             return
         state = torch.load(self.path, map_location="cpu", weights_only=False)
         for key, obj in self.save_dict.items():
+            if key not in state and key in self.optional_keys:
+                logger.warning("checkpoint %s has no '%s' entry (an older bundle's): resuming without it", self.path, key)
+                continue
             if key not in state:
                 raise KeyError(f"checkpoint {self.path} has no '{key}' entry to resume from")
             getattr(obj, "module", obj).load_state_dict(state[key])
@@ -269,10 +276,11 @@ def _loss(output) -> float:
 class TrainingClock:
     """The wall-clock seconds a training run has trained, carried across a resume.
 
-    :class:`TimeBudgetHandler` starts it when the trainer starts and reads it for the lr and the stop. As an
-    entry of :class:`LastCheckpointHandler`'s ``save_dict`` it is kept in ``last.pt``, so that a resumed run
-    counts on from the time trained before the checkpoint instead of starting a fresh budget at the top of
-    the cosine. The time between the last checkpoint and a kill is trained again and counted once; the
+    :class:`TimeBudgetHandler` and :class:`MetricHistoryHandler` start it when the trainer starts; the first
+    reads it for the lr and the stop, the second for the validation curve's times. As an entry of
+    :class:`LastCheckpointHandler`'s ``save_dict`` it is kept in ``last.pt``, so that a resumed run counts on
+    from the time trained before the checkpoint: a time budget goes on where its cosine stood instead of
+    starting afresh, and the curve's times go on instead of starting again at 0. The time between the last checkpoint and a kill is trained again and counted once; the
     restart itself (loading, caching, compiling) is not counted. The bundle makes it a config item of its
     own, ``training_clock``, so that ``last.pt`` names it without referring to the handler's place in
     ``train#handlers``, where MONAI Label inserts its checkpoint loader.
@@ -283,7 +291,9 @@ class TrainingClock:
         self.started_at = None
 
     def start(self) -> None:
-        self.started_at = time.monotonic()
+        """Start counting; the first call counts (several handlers of one run share the clock)."""
+        if self.started_at is None:
+            self.started_at = time.monotonic()
 
     def seconds(self) -> float:
         """Seconds trained, including those before a resume."""
@@ -477,19 +487,25 @@ class MetricHistoryHandler:
     (epoch, seconds since training started, the validator's metrics), rewritten atomically.
 
     Attach to the trainer after its ``ValidationHandler``.
+
+    Args:
+        validator: the evaluator whose metrics each row records.
+        filename: the CSV file.
+        clock: the :class:`TrainingClock` whose seconds a row records (give the one the resume checkpoint
+            keeps, so that a resumed run's times go on from the time trained before); None: a clock of its own.
     """
 
-    def __init__(self, validator: Engine, filename: str | os.PathLike) -> None:
+    def __init__(self, validator: Engine, filename: str | os.PathLike, clock: TrainingClock | None = None) -> None:
         self.validator = validator
         self.filename = Path(filename)
         self.rows: list[dict] = []
-        self.start = None
+        self.clock = TrainingClock() if clock is None else clock
         self._validated = False
         # each validation run is a fresh 1-epoch evaluator run: count its completions, not its state
         validator.add_event_handler(Events.EPOCH_COMPLETED, lambda e: setattr(self, "_validated", True))
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, lambda e: setattr(self, "start", time.monotonic()))
+        engine.add_event_handler(Events.STARTED, lambda e: self.clock.start())
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
@@ -501,7 +517,7 @@ class MetricHistoryHandler:
             with open(self.filename) as f:
                 self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < engine.state.epoch]
         state = self.validator.state
-        row = {"epoch": engine.state.epoch, "time_s": round(time.monotonic() - self.start, 2)}
+        row = {"epoch": engine.state.epoch, "time_s": round(self.clock.seconds(), 2)}
         row.update({k: float(v) for k, v in state.metrics.items() if isinstance(v, (int, float))})
         if "train_images_per_s" in engine.state.metrics:  # from ThroughputHandler, attached before this one
             row["train_images_per_s"] = round(float(engine.state.metrics["train_images_per_s"]), 1)

@@ -406,6 +406,27 @@ def test_ema_decay_survives_monai_label_inserting_its_checkpoint_loader(tmp_path
     assert average.averaged is averaged and average.network is network and trainer.network is network
 
 
+def test_one_training_clock_for_the_time_budget_the_curve_and_last_pt(tmp_path):
+    # the time trained must be the same object in the three places, or a resumed run's budget or curve restarts
+    from monai.bundle import ConfigParser
+
+    from fias_monai.handlers import LastCheckpointHandler, MetricHistoryHandler, TimeBudgetHandler
+
+    make_demo_dataset(tmp_path / "demo", num_train=2, num_val=1, shape=(64, 64, 4))
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    parser.update({**TINY, "dataset_dir": str(tmp_path / "demo"), "bundle_root": str(tmp_path / "bundle"),
+                   "num_workers": 0, "cache_workers": 1, "max_minutes": 5, "device": "$torch.device('cpu')",
+                   "cuda_graph": False})
+    handlers = parser.get_parsed_content("train#handlers")
+    clock = parser.get_parsed_content("training_clock")
+    [budget] = [h for h in handlers if isinstance(h, TimeBudgetHandler)]
+    [history] = [h for h in handlers if isinstance(h, MetricHistoryHandler)]
+    [last] = [h for h in handlers if isinstance(h, LastCheckpointHandler)]
+    assert budget.clock is clock and history.clock is clock and last.save_dict["training_clock"] is clock
+    assert last.optional_keys == {"training_clock"}
+
+
 # ----------------------------------------------------------------------------------------------------
 # MONAI bundle tooling, in-process (fast)
 

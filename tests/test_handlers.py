@@ -161,9 +161,10 @@ def test_time_budget_decays_lr_and_stops(monkeypatch):
     assert math.isclose(lrs[2], 0.5 * (1 + math.cos(math.pi * 12 / 60)))
 
 
-def test_time_budget_resumes_with_the_time_already_trained(monkeypatch, tmp_path):
+def test_a_resumed_run_counts_on_from_the_time_trained(monkeypatch, tmp_path):
     # 12-s epochs in a 60-s budget, the run stopped after epoch 3 (36 s) and resumed from last.pt: the lr goes on
-    # from 36/60 of the cosine, and the budget ends after epoch 5, not 5 epochs after the restart
+    # from 36/60 of the cosine, the budget ends after epoch 5 (not 5 epochs after the restart), and the validation
+    # curve's times go on from 36 s instead of starting again at 0
     import fias_monai.handlers as h
 
     now = {"t": 0.0}
@@ -179,9 +180,10 @@ def test_time_budget_resumes_with_the_time_already_trained(monkeypatch, tmp_path
             now["t"] += 6.0
             return 0.0
 
-        trainer = Engine(step)
-        clock = TrainingClock()
+        trainer, val, clock = Engine(step), _validator([0.5] * 5), TrainingClock()
         TimeBudgetHandler(1.0, opt, min_lr_ratio=0.0, clock=clock).attach(trainer)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: val.run([0]))  # as ValidationHandler
+        MetricHistoryHandler(val, tmp_path / "h.csv", clock=clock).attach(trainer)
         LastCheckpointHandler(tmp_path, {"model": net, "optimizer": opt, "training_clock": clock},
                               resume=resume).attach(trainer)
         trainer.run([0, 1], max_epochs=max_epochs)
@@ -193,6 +195,29 @@ def test_time_budget_resumes_with_the_time_already_trained(monkeypatch, tmp_path
     resumed, lrs = run(max_epochs=100, resume=True)
     assert resumed.state.epoch == 5 and len(lrs) == 4
     assert math.isclose(lrs[0], 0.5 * (1 + math.cos(math.pi * 36 / 60)))
+    rows = list(csv.DictReader(open(tmp_path / "h.csv")))
+    assert [(r["epoch"], float(r["time_s"])) for r in rows] == [("1", 12), ("2", 24), ("3", 36), ("4", 48), ("5", 60)]
+
+
+def test_last_checkpoint_resumes_a_checkpoint_that_lacks_an_optional_entry(tmp_path, caplog):
+    # a last.pt of a bundle before 0.2.19 has no training_clock: resumed with a warning, the clock at 0; any
+    # other missing entry stays an error naming the file and the entry
+    net = torch.nn.Linear(1, 1)
+    trainer = Engine(lambda e, b: 0.0)
+    LastCheckpointHandler(tmp_path, {"model": net}).attach(trainer)
+    trainer.run([0], max_epochs=2)
+    strict = Engine(lambda e, b: 0.0)
+    LastCheckpointHandler(tmp_path, {"model": net, "training_clock": TrainingClock()}, resume=True).attach(strict)
+    with pytest.raises(KeyError, match=r"last.pt has no 'training_clock' entry to resume from"):
+        strict.run([0], max_epochs=3)
+    clock = TrainingClock()
+    lenient = Engine(lambda e, b: 0.0)
+    LastCheckpointHandler(tmp_path, {"model": net, "training_clock": clock}, resume=True,
+                          optional_keys=["training_clock"]).attach(lenient)
+    with caplog.at_level("WARNING", logger="fias_monai.handlers"):
+        lenient.run([0], max_epochs=3)
+    assert lenient.state.iteration == 3 and clock.before_s == 0.0  # resumed after epoch 2: one epoch run
+    assert f"checkpoint {tmp_path / 'last.pt'} has no 'training_clock' entry" in caplog.text
 
 
 @pytest.mark.parametrize("minutes", [None, 0, 0.0])

@@ -4,6 +4,7 @@ SIGKILL. (docs/reliability.md has the table of what the user sees; tiny volumes 
 from __future__ import annotations
 
 import copy
+import csv
 import hashlib
 import json
 import os
@@ -682,3 +683,6 @@ def test_training_killed_mid_epoch_resumes_from_last_checkpoint(tmp_path):
     assert final["best"]["best_metric"] >= best_after_1  # kept, not reset
     assert final["lr_scheduler"]["last_epoch"] == final["trainer"]["iteration"]
     assert final["training_clock"]["seconds"] > trained_s  # counted on from the time before the kill
+    with open(bundle / "logs" / "val_history.csv") as f:
+        curve = {int(r["epoch"]): float(r["time_s"]) for r in csv.DictReader(f)}
+    assert sorted(curve) == [1, 2, 3] and curve[1] < trained_s + 0.01 < curve[2] < curve[3]  # the curve goes on too
