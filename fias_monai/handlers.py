@@ -163,7 +163,8 @@ class LastCheckpointHandler:
         state = torch.load(self.path, map_location="cpu", weights_only=False)
         for key, obj in self.save_dict.items():
             if key not in state and key in self.optional_keys:
-                logger.warning("checkpoint %s has no '%s' entry (an older bundle's): resuming without it", self.path, key)
+                logger.warning("checkpoint %s has no '%s' entry (an older bundle's): resuming without it",
+                               self.path, key)
                 continue
             if key not in state:
                 raise KeyError(f"checkpoint {self.path} has no '{key}' entry to resume from")
@@ -280,10 +281,11 @@ class TrainingClock:
     reads it for the lr and the stop, the second for the validation curve's times. As an entry of
     :class:`LastCheckpointHandler`'s ``save_dict`` it is kept in ``last.pt``, so that a resumed run counts on
     from the time trained before the checkpoint: a time budget goes on where its cosine stood instead of
-    starting afresh, and the curve's times go on instead of starting again at 0. The time between the last checkpoint and a kill is trained again and counted once; the
-    restart itself (loading, caching, compiling) is not counted. The bundle makes it a config item of its
-    own, ``training_clock``, so that ``last.pt`` names it without referring to the handler's place in
-    ``train#handlers``, where MONAI Label inserts its checkpoint loader.
+    starting afresh, and the curve's times go on instead of starting again at 0. The time between the last
+    checkpoint and a kill is trained again and counted once; the restart itself (loading, caching,
+    compiling) is not counted. The bundle makes it a config item of its own, ``training_clock``, so that
+    ``last.pt`` names it without referring to a handler's place in ``train#handlers``, where MONAI Label
+    inserts its checkpoint loader.
     """
 
     def __init__(self) -> None:
