@@ -162,12 +162,12 @@ class LastCheckpointHandler:
             return
         state = torch.load(self.path, map_location="cpu", weights_only=False)
         for key, obj in self.save_dict.items():
-            if key not in state and key in self.optional_keys:
+            if key not in state:
+                if key not in self.optional_keys:
+                    raise KeyError(f"checkpoint {self.path} has no '{key}' entry to resume from")
                 logger.warning("checkpoint %s has no '%s' entry (an older bundle's): resuming without it",
                                self.path, key)
                 continue
-            if key not in state:
-                raise KeyError(f"checkpoint {self.path} has no '{key}' entry to resume from")
             getattr(obj, "module", obj).load_state_dict(state[key])
         engine.state.epoch = state["trainer"]["epoch"]
         engine.state.iteration = state["trainer"]["iteration"]
