@@ -27,14 +27,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset as _TorchDataset
 
 from .transforms import OutputExistsError, OutputFolderError, SafeSaveImaged, describe_error
-from .utils import state_dict_mismatch
 
 __all__ = ["NIFTI_SUFFIXES", "InferenceError", "list_inputs", "loader_workers", "run_inference", "is_nifti"]
 
@@ -135,47 +134,26 @@ def _item_name(item: Any) -> str:
 def _load_weights_once(evaluator: Any) -> None:
     """Run the evaluator's CheckpointLoader(s) now, then detach them so they do not reload per file.
 
-    A missing or mismatched checkpoint is fatal (an :class:`InferenceError`), never a per-file failure:
-    segmenting with random weights must not happen.
+    A missing or mismatched checkpoint is fatal (an :class:`InferenceError` naming the file and what is
+    wrong, :func:`~fias_monai.handlers.explain_weights_load_error`), never a per-file failure: segmenting
+    with random weights must not happen.
     """
     from ignite.engine import Events
     from monai.handlers import CheckpointLoader
+
+    from .handlers import WeightsLoadError, explain_weights_load_error
 
     handlers = getattr(evaluator, "_event_handlers", {}).get(Events.STARTED, [])
     for h, *_ in list(handlers):
         if isinstance(h, CheckpointLoader):
             try:
                 h(evaluator)
-            except Exception as e:
-                if not Path(h.load_path).is_file():
-                    why = f"{describe_error(e)} (file missing: train first, or set --bundle_root)"
-                else:
-                    mismatch = _checkpoint_mismatch(h.load_path, h.load_dict)
-                    why = describe_error(e) if not mismatch else (
-                        f"they do not fit the configured network ({mismatch}); run inference with the overlays "
-                        f"and network settings the model was trained with (e.g. configs/acdc_12min.json after "
-                        f"acdc.json, context_slices, the variant)")
-                raise InferenceError(f"cannot load the model weights {h.load_path}: {why}") from e
+            except WeightsLoadError as e:  # already explained (inference.json's WeightsLoader)
+                raise InferenceError(str(e)) from e
+            except Exception as e:  # a plain CheckpointLoader of a user's own config
+                raise InferenceError(explain_weights_load_error(h.load_path, h.load_dict, e)) from e
             evaluator.remove_event_handler(h, Events.STARTED)
             logger.info("loaded weights %s", h.load_path)
-
-
-def _checkpoint_mismatch(path: str, load_dict: dict) -> str:
-    """What keeps the checkpoint at ``path`` from loading into ``load_dict``'s networks (``state_dict_mismatch``,
-    read the way MONAI's ``CheckpointLoader`` reads it); ``""`` if the file cannot be read or nothing differs."""
-    import torch
-
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # unreadable: describe_error says why
-        return ""
-    if not isinstance(checkpoint, Mapping):
-        return ""
-    if len(load_dict) == 1 and next(iter(load_dict)) not in checkpoint:  # a bare state dict, as CheckpointLoader
-        checkpoint = {next(iter(load_dict)): checkpoint}
-    parts = [state_dict_mismatch(checkpoint[key], obj) for key, obj in load_dict.items()
-             if isinstance(obj, torch.nn.Module) and isinstance(checkpoint.get(key), Mapping)]
-    return "; ".join(p for p in parts if p)
 
 
 def loader_workers(num_workers: int, num_volumes: int) -> int:

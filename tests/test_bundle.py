@@ -427,6 +427,34 @@ def test_one_training_clock_for_the_time_budget_the_curve_and_last_pt(tmp_path):
     assert last.optional_keys == {"training_clock"}
 
 
+def test_evaluating_weights_of_another_network_names_the_file_and_what_differs(tmp_path):
+    """A model of acdc_12min.json (full-resolution head) evaluated without that overlay: evaluate.json's loader
+    fails with one line naming the file, the modules and shapes that differ, and the overlay to add, and
+    PyTorch's key-by-key list is not chained under it. (MONAI's plain CheckpointLoader named no file.)"""
+    from monai.bundle import run
+
+    from fias_monai import FIAS
+    from fias_monai.handlers import WeightsLoadError
+
+    make_demo_dataset(tmp_path / "demo", num_train=1, num_val=1, shape=(64, 64, 4))
+    (tmp_path / "bundle" / "models").mkdir(parents=True)
+    weights = tmp_path / "bundle" / "models" / "model.pt"
+    net = FIAS(1, 4, embed_dims=tuple(TINY["network_def#embed_dims"]), depths=tuple(TINY["network_def#depths"]),
+               full_res_head=True)
+    torch.save(net.state_dict(), weights)
+    with pytest.raises(RuntimeError) as info:
+        run("evaluating", config_file=[str(TRAIN), str(EVALUATE)], **TINY, bundle_root=str(tmp_path / "bundle"),
+            dataset_dir=str(tmp_path / "demo"), num_workers=0, cache_workers=1)
+    error = info.value
+    while error is not None and not isinstance(error, WeightsLoadError):
+        error = error.__cause__ or error.__context__
+    assert error is not None, f"no WeightsLoadError under {info.value!r}"
+    assert str(error).startswith(f"cannot load the model weights {weights}: they do not fit the configured network")
+    assert "full_res_head.* (" in str(error) and "acdc_12min.json" in str(error)
+    assert error.__cause__ is None and error.__suppress_context__
+    assert not (tmp_path / "bundle" / "eval" / "metrics_summary.json").exists()
+
+
 # ----------------------------------------------------------------------------------------------------
 # MONAI bundle tooling, in-process (fast)
 

@@ -8,6 +8,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -235,6 +236,52 @@ def test_inference_with_weights_of_another_network_says_what_differs(tmp_path, t
                                              r"configured network \(.*" + expected + r".*acdc_12min.json"):
         _infer(tmp_path / "bundle", tmp_path / "in", tmp_path / "out")
     assert not (tmp_path / "out" / "good_seg.nii.gz").exists()
+
+
+@pytest.mark.parametrize("case", ["fits", "another network", "missing", "not a checkpoint", "plain loader"])
+def test_weights_loader_loads_or_names_the_file_and_what_is_wrong(tmp_path, case):
+    """evaluate.json's and inference.json's loader: weights that fit load as MONAI's CheckpointLoader loads
+    them; else one line with the file and the reason (a plain CheckpointLoader of a user's own inference
+    config gets the same line from inference's load-once)."""
+    from ignite.engine import Engine
+    from monai.handlers import CheckpointLoader
+
+    from fias_monai.handlers import WeightsLoader, WeightsLoadError
+    from fias_monai.inference import _load_weights_once
+
+    path = tmp_path / "model.pt"
+    width = 4 if case == "another network" else 2
+    trained = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Conv2d(2, width, 1))
+    if case == "not a checkpoint":
+        path.write_text("a text file saved as model.pt\n")
+    elif case != "missing":
+        torch.save(trained.state_dict(), path)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Conv2d(2, 2, 1))
+    engine = Engine(lambda e, b: None)
+    if case == "plain loader":
+        CheckpointLoader(str(path), {"model": net}).attach(engine)
+        _load_weights_once(engine)
+        assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), trained.state_dict().values()))
+        path.write_text("a text file saved as model.pt\n")
+        CheckpointLoader(str(path), {"model": net}).attach(engine)
+        with pytest.raises(InferenceError, match=rf"cannot load the model weights {re.escape(str(path))}: not a "
+                                                 r"readable PyTorch checkpoint, truncated or another format"):
+            _load_weights_once(engine)
+        return
+    loader = WeightsLoader(str(path), {"model": net})
+    if case == "fits":
+        loader(engine)
+        assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), trained.state_dict().values()))
+        return
+    why = {"another network": r"they do not fit the configured network \(2 of another shape: 1\.weight \(4, 2, 1, 1\) "
+                              r"in the weights, \(2, 2, 1, 1\) in the network; 1\.bias \(4,\) in the weights, "
+                              r"\(2,\) in the network\); run with the overlays and network settings the model was "
+                              r"trained with \(e\.g\. configs/acdc_12min\.json after acdc\.json, context_slices, "
+                              r"the variant\)",
+           "missing": r"file missing \(train first, or set --bundle_root\)",
+           "not a checkpoint": r"not a readable PyTorch checkpoint, truncated or another format \(.+\)"}[case]
+    with pytest.raises(WeightsLoadError, match=rf"^cannot load the model weights {re.escape(str(path))}: {why}$"):
+        loader(engine)
 
 
 def test_state_dict_mismatch_counts_modules_and_lists_shapes():
