@@ -24,7 +24,7 @@ from .utils import atomic_path
 __all__ = ["atomic_torch_save", "LastCheckpointHandler", "BestModelSaver", "ProgressBarHandler", "TimeBudgetHandler",
            "TrainingClock", "MetricHistoryHandler", "OverlayHandler", "ThroughputHandler", "PeriodicValidationHandler",
            "TerminateOnNanHandler", "ReleaseLoaderWorkersHandler", "WeightAverageHandler", "WeightsLoader",
-           "WeightsLoadError", "explain_weights_load_error"]
+           "WeightsLoadError", "weights_load_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -179,55 +179,59 @@ class WeightsLoadError(RuntimeError):
     """Model weights that cannot be loaded: the file and the reason, in one line."""
 
 
-def explain_weights_load_error(path: str | os.PathLike, load_dict: dict, exc: BaseException) -> str:
-    """``"cannot load the model weights PATH: why"`` for ``exc``, raised while loading ``path`` into
-    ``load_dict`` the way MONAI's ``CheckpointLoader`` loads it.
+def weights_load_error(path: str | os.PathLike, load_dict: dict, exc: BaseException) -> WeightsLoadError:
+    """The :class:`WeightsLoadError` for ``exc``, raised while loading ``path`` into ``load_dict`` the way MONAI's
+    ``CheckpointLoader`` loads it: ``"cannot load the model weights PATH: why"``.
 
-    Why, in that order: the file is missing; it is no PyTorch checkpoint (truncated, another format); its
-    tensors do not fit the configured networks (``state_dict_mismatch``: the modules on one side only and the
-    shapes that differ, e.g. weights of ``acdc_12min.json``'s full-resolution head loaded without that
-    overlay); else the exception's first line. PyTorch's own message for a mismatch lists every key and
-    names no file.
+    Why, read from the file itself, in that order: it is missing; it is no PyTorch checkpoint (truncated,
+    another format); its tensors do not fit the configured networks (``state_dict_mismatch``: the modules on
+    one side only and the shapes that differ, e.g. weights of ``acdc_12min.json``'s full-resolution head
+    loaded without that overlay). Those say all there is, so ``exc`` is not chained (PyTorch's message for a
+    mismatch lists every key and names no file). Else the reason is ``exc``'s first line, and ``exc`` is
+    chained as the cause.
     """
     from .transforms import describe_error
     from .utils import state_dict_mismatch
 
+    reason = ""
     if not Path(path).is_file():
-        return f"cannot load the model weights {path}: file missing (train first, or set --bundle_root)"
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a read of its own: exc may come from load_state_dict instead
-        return (f"cannot load the model weights {path}: not a readable PyTorch checkpoint, truncated or another "
-                f"format ({describe_error(e)})")
-    mismatch = ""
-    if isinstance(checkpoint, dict):
-        if len(load_dict) == 1 and next(iter(load_dict)) not in checkpoint:  # a bare state dict, as MONAI reads it
-            checkpoint = {next(iter(load_dict)): checkpoint}
-        mismatch = "; ".join(filter(None, (
-            state_dict_mismatch(checkpoint[key], obj) for key, obj in load_dict.items()
-            if isinstance(obj, torch.nn.Module) and isinstance(checkpoint.get(key), dict))))
-    if not mismatch:
-        return f"cannot load the model weights {path}: {describe_error(exc)}"
-    return (f"cannot load the model weights {path}: they do not fit the configured network ({mismatch}); run with "
-            f"the overlays and network settings the model was trained with (e.g. configs/acdc_12min.json after "
-            f"acdc.json, context_slices, the variant)")
+        reason = "file missing (train first, or set --bundle_root)"
+    else:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a read of its own: exc may come from load_state_dict instead
+            reason = f"not a readable PyTorch checkpoint, truncated or another format ({describe_error(e)})"
+        else:
+            if isinstance(checkpoint, dict):
+                if len(load_dict) == 1 and next(iter(load_dict)) not in checkpoint:  # a bare state dict, as MONAI
+                    checkpoint = {next(iter(load_dict)): checkpoint}
+                mismatch = "; ".join(filter(None, (
+                    state_dict_mismatch(checkpoint[key], obj) for key, obj in load_dict.items()
+                    if isinstance(obj, torch.nn.Module) and isinstance(checkpoint.get(key), dict))))
+                if mismatch:
+                    reason = (f"they do not fit the configured network ({mismatch}); run with the overlays and "
+                              f"network settings the model was trained with (e.g. configs/acdc_12min.json after "
+                              f"acdc.json, context_slices, the variant)")
+    error = WeightsLoadError(f"cannot load the model weights {path}: {reason or describe_error(exc)}")
+    error.__cause__, error.__suppress_context__ = (None if reason else exc), True
+    return error
 
 
 class WeightsLoader(CheckpointLoader):
     """MONAI's ``CheckpointLoader`` whose failure names the file and says what is wrong, in one line.
 
-    Loading is MONAI's, unchanged (same arguments); only a failure differs: a :class:`WeightsLoadError` with
-    :func:`explain_weights_load_error`'s line instead of PyTorch's key-by-key list, so a model evaluated or
-    served with other overlays than it was trained with says which modules or shapes differ and what to do.
-    A subclass, so code that finds the evaluator's loaders by ``isinstance(h, CheckpointLoader)`` (inference's
-    load-once) still finds it.
+    Loading is MONAI's, unchanged (same arguments); only a failure differs: :func:`weights_load_error`'s
+    :class:`WeightsLoadError` instead of PyTorch's key-by-key list, so a model evaluated or served with other
+    overlays than it was trained with says which modules or shapes differ and what to do. A subclass, so code
+    that finds the evaluator's loaders by ``isinstance(h, CheckpointLoader)`` (inference's load-once) still
+    finds it.
     """
 
     def __call__(self, engine: Engine) -> None:
         try:
             super().__call__(engine)
         except Exception as e:
-            raise WeightsLoadError(explain_weights_load_error(self.load_path, self.load_dict, e)) from None
+            raise weights_load_error(self.load_path, self.load_dict, e)  # noqa: B904 - its cause is set there
 
 
 class WeightAverageHandler:

@@ -135,23 +135,22 @@ def _load_weights_once(evaluator: Any) -> None:
     """Run the evaluator's CheckpointLoader(s) now, then detach them so they do not reload per file.
 
     A missing or mismatched checkpoint is fatal (an :class:`InferenceError` naming the file and what is
-    wrong, :func:`~fias_monai.handlers.explain_weights_load_error`), never a per-file failure: segmenting
+    wrong, :func:`~fias_monai.handlers.weights_load_error`), never a per-file failure: segmenting
     with random weights must not happen.
     """
     from ignite.engine import Events
     from monai.handlers import CheckpointLoader
 
-    from .handlers import WeightsLoadError, explain_weights_load_error
+    from .handlers import WeightsLoadError, weights_load_error
 
     handlers = getattr(evaluator, "_event_handlers", {}).get(Events.STARTED, [])
     for h, *_ in list(handlers):
         if isinstance(h, CheckpointLoader):
             try:
                 h(evaluator)
-            except WeightsLoadError as e:  # already explained (inference.json's WeightsLoader)
-                raise InferenceError(str(e)) from e
-            except Exception as e:  # a plain CheckpointLoader of a user's own config
-                raise InferenceError(explain_weights_load_error(h.load_path, h.load_dict, e)) from e
+            except Exception as e:  # WeightsLoader's error says why; a plain CheckpointLoader's gets the same line
+                error = e if isinstance(e, WeightsLoadError) else weights_load_error(h.load_path, h.load_dict, e)
+                raise InferenceError(str(error)) from error
             evaluator.remove_event_handler(h, Events.STARTED)
             logger.info("loaded weights %s", h.load_path)
 

@@ -238,7 +238,8 @@ def test_inference_with_weights_of_another_network_says_what_differs(tmp_path, t
     assert not (tmp_path / "out" / "good_seg.nii.gz").exists()
 
 
-@pytest.mark.parametrize("case", ["fits", "another network", "missing", "not a checkpoint", "plain loader"])
+@pytest.mark.parametrize("case", ["fits", "another network", "missing", "not a checkpoint", "no such entry",
+                                  "plain loader"])
 def test_weights_loader_loads_or_names_the_file_and_what_is_wrong(tmp_path, case):
     """evaluate.json's and inference.json's loader: weights that fit load as MONAI's CheckpointLoader loads
     them; else one line with the file and the reason (a plain CheckpointLoader of a user's own inference
@@ -269,6 +270,13 @@ def test_weights_loader_loads_or_names_the_file_and_what_is_wrong(tmp_path, case
             _load_weights_once(engine)
         return
     loader = WeightsLoader(str(path), {"model": net})
+    if case == "no such entry":  # a bare state dict for two entries: the reason is the error's, chained
+        loader = WeightsLoader(str(path), {"model": net, "optimizer": torch.optim.SGD(net.parameters(), lr=0.1)})
+        with pytest.raises(WeightsLoadError, match=rf"^cannot load the model weights {re.escape(str(path))}: "
+                                                   r"ValueError: Key 'model' .* not found") as info:
+            loader(engine)
+        assert isinstance(info.value.__cause__, ValueError)
+        return
     if case == "fits":
         loader(engine)
         assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), trained.state_dict().values()))
