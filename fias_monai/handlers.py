@@ -183,38 +183,43 @@ def weights_load_error(path: str | os.PathLike, load_dict: dict, exc: BaseExcept
     """The :class:`WeightsLoadError` for ``exc``, raised while loading ``path`` into ``load_dict`` the way MONAI's
     ``CheckpointLoader`` loads it: ``"cannot load the model weights PATH: why"``.
 
-    Why, read from the file itself, in that order: it is missing; it is no PyTorch checkpoint (truncated,
-    another format); its tensors do not fit the configured networks (``state_dict_mismatch``: the modules on
-    one side only and the shapes that differ, e.g. weights of ``acdc_12min.json``'s full-resolution head
-    loaded without that overlay). Those say all there is, so ``exc`` is not chained (PyTorch's message for a
-    mismatch lists every key and names no file). Else the reason is ``exc``'s first line, and ``exc`` is
-    chained as the cause.
+    Why: what the file itself shows (:func:`_weights_file_problem`), which says all there is, so ``exc`` is not
+    chained (PyTorch's message for a mismatch lists every key and names no file); else ``exc``'s first line,
+    and ``exc`` is chained as the cause.
     """
+    from .transforms import describe_error
+
+    problem = _weights_file_problem(path, load_dict)
+    error = WeightsLoadError(f"cannot load the model weights {path}: {problem or describe_error(exc)}")
+    error.__cause__, error.__suppress_context__ = (None if problem else exc), True
+    return error
+
+
+def _weights_file_problem(path: str | os.PathLike, load_dict: dict) -> str:
+    """Why the file at ``path`` cannot load into ``load_dict``, read from the file, in that order: it is missing;
+    it is no PyTorch checkpoint (truncated, another format); its tensors do not fit the configured networks
+    (``state_dict_mismatch``: the modules on one side only and the shapes that differ, e.g. weights of
+    ``acdc_12min.json``'s full-resolution head loaded without that overlay). ``""`` if it shows none of these."""
     from .transforms import describe_error
     from .utils import state_dict_mismatch
 
-    reason = ""
     if not Path(path).is_file():
-        reason = "file missing (train first, or set --bundle_root)"
-    else:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a read of its own: exc may come from load_state_dict instead
-            reason = f"not a readable PyTorch checkpoint, truncated or another format ({describe_error(e)})"
-        else:
-            if isinstance(checkpoint, dict):
-                if len(load_dict) == 1 and next(iter(load_dict)) not in checkpoint:  # a bare state dict, as MONAI
-                    checkpoint = {next(iter(load_dict)): checkpoint}
-                mismatch = "; ".join(filter(None, (
-                    state_dict_mismatch(checkpoint[key], obj) for key, obj in load_dict.items()
-                    if isinstance(obj, torch.nn.Module) and isinstance(checkpoint.get(key), dict))))
-                if mismatch:
-                    reason = (f"they do not fit the configured network ({mismatch}); run with the overlays and "
-                              f"network settings the model was trained with (e.g. configs/acdc_12min.json after "
-                              f"acdc.json, context_slices, the variant)")
-    error = WeightsLoadError(f"cannot load the model weights {path}: {reason or describe_error(exc)}")
-    error.__cause__, error.__suppress_context__ = (None if reason else exc), True
-    return error
+        return "file missing (train first, or set --bundle_root)"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a read of its own: the failure may have come from load_state_dict instead
+        return f"not a readable PyTorch checkpoint, truncated or another format ({describe_error(e)})"
+    if not isinstance(checkpoint, dict):
+        return ""
+    if len(load_dict) == 1 and next(iter(load_dict)) not in checkpoint:  # a bare state dict, as MONAI reads it
+        checkpoint = {next(iter(load_dict)): checkpoint}
+    mismatch = "; ".join(filter(None, (
+        state_dict_mismatch(checkpoint[key], obj) for key, obj in load_dict.items()
+        if isinstance(obj, torch.nn.Module) and isinstance(checkpoint.get(key), dict))))
+    if not mismatch:
+        return ""
+    return (f"they do not fit the configured network ({mismatch}); run with the overlays and network settings the "
+            f"model was trained with (e.g. configs/acdc_12min.json after acdc.json, context_slices, the variant)")
 
 
 class WeightsLoader(CheckpointLoader):
