@@ -238,49 +238,40 @@ def test_inference_with_weights_of_another_network_says_what_differs(tmp_path, t
     assert not (tmp_path / "out" / "good_seg.nii.gz").exists()
 
 
-@pytest.mark.parametrize("case", ["fits", "another network", "missing", "not a checkpoint", "no such entry",
-                                  "plain loader"])
-def test_weights_loader_loads_or_names_the_file_and_what_is_wrong(tmp_path, case):
-    """evaluate.json's and inference.json's loader: weights that fit load as MONAI's CheckpointLoader loads
-    them; else one line with the file and the reason (a plain CheckpointLoader of a user's own inference
-    config gets the same line from inference's load-once)."""
-    from ignite.engine import Engine
-    from monai.handlers import CheckpointLoader
+def _two_convs(width: int = 2) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Conv2d(2, width, 1))
 
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def _idle_engine():
+    from ignite.engine import Engine
+
+    return Engine(lambda e, b: None)
+
+
+def test_weights_loader_loads_weights_that_fit(tmp_path):
+    # evaluate.json's and inference.json's loader loads as MONAI's CheckpointLoader does
+    from fias_monai.handlers import WeightsLoader
+
+    trained, net = _two_convs(), _two_convs()
+    torch.save(trained.state_dict(), tmp_path / "model.pt")
+    WeightsLoader(str(tmp_path / "model.pt"), {"model": net})(_idle_engine())
+    assert _same_weights(net, trained)
+
+
+@pytest.mark.parametrize("case", ["another network", "missing", "not a checkpoint"])
+def test_weights_loader_names_the_file_and_what_is_wrong(tmp_path, case):
+    """One line with the file and the reason the file itself shows, instead of PyTorch's key-by-key list."""
     from fias_monai.handlers import WeightsLoader, WeightsLoadError
-    from fias_monai.inference import _load_weights_once
 
     path = tmp_path / "model.pt"
-    width = 4 if case == "another network" else 2
-    trained = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Conv2d(2, width, 1))
     if case == "not a checkpoint":
         path.write_text("a text file saved as model.pt\n")
-    elif case != "missing":
-        torch.save(trained.state_dict(), path)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Conv2d(2, 2, 1))
-    engine = Engine(lambda e, b: None)
-    if case == "plain loader":
-        CheckpointLoader(str(path), {"model": net}).attach(engine)
-        _load_weights_once(engine)
-        assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), trained.state_dict().values()))
-        path.write_text("a text file saved as model.pt\n")
-        CheckpointLoader(str(path), {"model": net}).attach(engine)
-        with pytest.raises(InferenceError, match=rf"cannot load the model weights {re.escape(str(path))}: not a "
-                                                 r"readable PyTorch checkpoint, truncated or another format"):
-            _load_weights_once(engine)
-        return
-    loader = WeightsLoader(str(path), {"model": net})
-    if case == "no such entry":  # a bare state dict for two entries: the reason is the error's, chained
-        loader = WeightsLoader(str(path), {"model": net, "optimizer": torch.optim.SGD(net.parameters(), lr=0.1)})
-        with pytest.raises(WeightsLoadError, match=rf"^cannot load the model weights {re.escape(str(path))}: "
-                                                   r"ValueError: Key 'model' .* not found") as info:
-            loader(engine)
-        assert isinstance(info.value.__cause__, ValueError)
-        return
-    if case == "fits":
-        loader(engine)
-        assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), trained.state_dict().values()))
-        return
+    elif case == "another network":
+        torch.save(_two_convs(width=4).state_dict(), path)
     why = {"another network": r"they do not fit the configured network \(2 of another shape: 1\.weight \(4, 2, 1, 1\) "
                               r"in the weights, \(2, 2, 1, 1\) in the network; 1\.bias \(4,\) in the weights, "
                               r"\(2,\) in the network\); run with the overlays and network settings the model was "
@@ -289,7 +280,39 @@ def test_weights_loader_loads_or_names_the_file_and_what_is_wrong(tmp_path, case
            "missing": r"file missing \(train first, or set --bundle_root\)",
            "not a checkpoint": r"not a readable PyTorch checkpoint, truncated or another format \(.+\)"}[case]
     with pytest.raises(WeightsLoadError, match=rf"^cannot load the model weights {re.escape(str(path))}: {why}$"):
-        loader(engine)
+        WeightsLoader(str(path), {"model": _two_convs()})(_idle_engine())
+
+
+def test_weights_loader_chains_an_error_the_file_does_not_explain(tmp_path):
+    # a bare state dict for two entries: the reason is the error's first line, and the error is the cause
+    from fias_monai.handlers import WeightsLoader, WeightsLoadError
+
+    path, net = tmp_path / "model.pt", _two_convs()
+    torch.save(_two_convs().state_dict(), path)
+    loader = WeightsLoader(str(path), {"model": net, "optimizer": torch.optim.SGD(net.parameters(), lr=0.1)})
+    with pytest.raises(WeightsLoadError, match=rf"^cannot load the model weights {re.escape(str(path))}: "
+                                               r"ValueError: Key 'model' .* not found") as info:
+        loader(_idle_engine())
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_inference_load_once_explains_a_plain_checkpoint_loader(tmp_path):
+    """A plain CheckpointLoader of a user's own inference config: weights that fit load (and the loader is
+    detached); a file that is no checkpoint gets the WeightsLoader's line."""
+    from monai.handlers import CheckpointLoader
+
+    from fias_monai.inference import _load_weights_once
+
+    path, trained, net, engine = tmp_path / "model.pt", _two_convs(), _two_convs(), _idle_engine()
+    torch.save(trained.state_dict(), path)
+    CheckpointLoader(str(path), {"model": net}).attach(engine)
+    _load_weights_once(engine)
+    assert _same_weights(net, trained)
+    path.write_text("a text file saved as model.pt\n")
+    CheckpointLoader(str(path), {"model": net}).attach(engine)
+    with pytest.raises(InferenceError, match=rf"cannot load the model weights {re.escape(str(path))}: not a "
+                                             r"readable PyTorch checkpoint, truncated or another format"):
+        _load_weights_once(engine)
 
 
 def test_state_dict_mismatch_counts_modules_and_lists_shapes():
