@@ -83,10 +83,15 @@ NAMES = {
     "fias_m5_h0sel_s1": "FIAS-tiny, 5 minutes, acdc_12min.json's settings, 2D, seed 1",
     "fias_m5_h0sel_ctx1_s0": "FIAS-tiny, 5 minutes, acdc_12min.json's settings, 2.5D (context_slices 1)",
     "fias_m5_h0sel_ctx1_s1": "FIAS-tiny, 5 minutes, acdc_12min.json's settings, 2.5D, seed 1",
-    "fias_m20_fr_clip_es2_h0sel_s0": "FIAS-tiny, acdc_12min.json with 20 minutes, seed 0 (cut at 17 min)",
-    "fias_m20_fr_clip_es2_h0sel_s1": "FIAS-tiny, acdc_12min.json with 20 minutes, seed 1 (cut at 17 min)",
-    "fias_m20_fr_clip_es2_h0sel_s2": "FIAS-tiny, acdc_12min.json with 20 minutes, seed 2 (cut at 17 min)",
-    "swinunetr_m20_s2": "MONAI SwinUNETR-2D, 20-minute budget, seed 2 (cut at 17 min)",
+    "fias_m20_fr_clip_es2_h0sel_s0": "FIAS-tiny, acdc_12min.json with 20 minutes, seed 0",
+    "fias_m20_fr_clip_es2_h0sel_s0_cut29": "FIAS-tiny, acdc_12min.json with 20 minutes, seed 0 (session 29)",
+    "fias_m20_fr_clip_es2_h0sel_s0_tta": "FIAS-tiny, acdc_12min.json with 20 minutes, seed 0, test-time flips",
+    "fias_m20_fr_clip_es2_h0sel_s1": "FIAS-tiny, acdc_12min.json with 20 minutes, seed 1",
+    "fias_m20_fr_clip_es2_h0sel_s1_tta": "FIAS-tiny, acdc_12min.json with 20 minutes, seed 1, test-time flips",
+    "fias_m20_fr_clip_es2_h0sel_s2": "FIAS-tiny, acdc_12min.json with 20 minutes, seed 2",
+    "fias_m20_fr_clip_es2_h0sel_s2_tta": "FIAS-tiny, acdc_12min.json with 20 minutes, seed 2, test-time flips",
+    "swinunetr_m20_s2": "MONAI SwinUNETR-2D, 20-minute budget, seed 2",
+    "swinunetr_m20_s2_tta": "MONAI SwinUNETR-2D, 20 minutes, seed 2, test-time flips",
     "swinunetr_m12_s2": "MONAI SwinUNETR-2D, 12-minute budget, seed 2",
     "swinunetr_m12_s2_tta": "MONAI SwinUNETR-2D, 12 minutes, seed 2, test-time flips",
     "fias_m6_h0sel": "FIAS-tiny, 6 minutes, acdc_12min.json's settings, feature mixing (7 subsets)",
@@ -513,14 +518,22 @@ def missed_slice_table(preds: dict[str, dict], names: dict[str, str] | None = No
     return "\n".join(lines)
 
 
-def per_volume_comparison(a: list[dict], b: list[dict]) -> dict[str, tuple[float, int, int]]:
+def per_volume_comparison(a: list[dict], b: list[dict], names: tuple[str, str] = ("a", "b"),
+                          ) -> dict[str, tuple[float, int, int]]:
     """How run ``a`` does against run ``b`` volume by volume, from their ``per_case`` rows (one per volume and
     class, ``dice`` in [0, 1]): for each class, and for the volume's mean over the classes, the mean
     difference a - b in Dice points and on how many volumes a is better, out of how many.
 
+    Args:
+        names: the two runs' names, for the error messages.
+
     Raises:
-        ValueError: the two runs were evaluated on different volumes or classes.
+        ValueError: a run has no per-volume rows (a results JSON from before per_case was kept, or none), or the
+            two runs were evaluated on different volumes or classes.
     """
+    for name, rows in zip(names, (a, b)):
+        if not rows:
+            raise ValueError(f"{name} has no per-volume rows (per_case) to compare")
     def table(rows):
         t: dict[str, dict[str, float]] = {}
         for row in rows:
@@ -529,9 +542,7 @@ def per_volume_comparison(a: list[dict], b: list[dict]) -> dict[str, tuple[float
 
     ta, tb = table(a), table(b)
     if set(ta) != set(tb) or any(set(ta[c]) != set(tb[c]) for c in ta):
-        raise ValueError("the two runs were evaluated on different volumes or classes")
-    if not ta:
-        raise ValueError("no per-volume rows to compare")
+        raise ValueError(f"{names[0]} and {names[1]} were evaluated on different volumes or classes")
     classes = [c for c in CLASSES[1:] if c in next(iter(ta.values()))]
     diffs = {c: [ta[v][c] - tb[v][c] for v in ta] for c in classes}
     diffs["mean"] = [np.mean([ta[v][c] for c in classes]) - np.mean([tb[v][c] for c in classes]) for v in ta]
@@ -691,6 +702,8 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         collapsed += [(name, row) for row in r["val_history"] if row["val_mean_dice"] < best / 2]
         kept += [row["val_mean_dice"] for row in keep]
         label = NAMES.get(name, name) + (f" ({_card(r['gpu'])})" if len(gpus) > 1 else "")
+        if "cut_at_minutes" in r:  # a row whose machine went back before its budget ended
+            label += f", cut at {r['cut_at_minutes']:.0f} min"
         line, = ax.plot([row["time_s"] / 60 for row in keep], [100 * row["val_mean_dice"] for row in keep],
                         marker=".", label=label)
         colours[name] = line.get_color()
@@ -769,7 +782,7 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     for pair in _names(versus):
         a, b = pair.split(":")
         rows = [(results.get(n) or _docs_result(out_dir, n)).get("per_case", []) for n in (a, b)]
-        comparisons.append(per_volume_comparison(*rows))
+        comparisons.append(per_volume_comparison(*rows, names=(a, b)))
         print(f"{a} against {b}, volume by volume:")
         for c, (d, better, n) in comparisons[-1].items():
             print(f"  {c}: {d:+.2f} Dice points, better on {better} of {n} volumes")

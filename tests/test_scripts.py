@@ -201,6 +201,9 @@ def test_report_compares_two_runs_volume_by_volume():
     assert cmp["mean"][0] == pytest.approx((5 / 3 - 1) / 2) and cmp["mean"][1:] == (1, 2)
     with pytest.raises(ValueError, match="different volumes"):
         report.per_volume_comparison(a, rows({"p1": (0.9, 0.9, 0.9)}))
+    # an earlier row's JSON without per_case: the error names that run, not a volume mismatch
+    with pytest.raises(ValueError, match="^peer_m20 has no per-volume rows"):
+        report.per_volume_comparison(a, [], names=("fias_m20", "peer_m20"))
 
     # two seeds of the same change: each pair weighs the same, the volume counts add up
     other = report.per_volume_comparison(b, a)  # the reverse pair: RV 0, MYO +1.5, LV -2.5; better on 1, 1, 0
