@@ -78,7 +78,7 @@ class FeatureMixingLoss(_Loss):
     times; the other voxels keep weight 1 and the sum is still divided by the voxel count, so the term only
     grows. It is there to test a measured flaw: FIAS-tiny places the myocardium's outer border on ACDC about a
     voxel too far out more often than the peers. With ``border_weight`` 2 (ACDC, 6.5 minutes, four seeds;
-    session 16 in bundle/docs/README.md) MYO Dice rose on every seed, by 0.50 on average, and the mean by 0.23,
+    session 16 in bundle/docs/acdc_results.md) MYO Dice rose on every seed, by 0.50 on average, and the mean by 0.23,
     inside the seed spread.
 
     Args:

@@ -2,7 +2,7 @@
 
 The ACDC volumes of the SSL4MIS preprocessing (``volumes/*.h5`` with ``image`` float32 and ``label`` uint8,
 plus ``train.list`` / ``val.list``) take 92 MB; a remote GPU host that takes at most 64 MiB per transfer
-(the device machine of bundle/docs/README.md's runs) needs them smaller. The images are min-max scaled
+(the device machine of bundle/docs/acdc_results.md's runs) needs them smaller. The images are min-max scaled
 integers, ``image == float32(k / M)`` for integer intensities ``k`` and the volume's maximum ``M``, so each
 slice is stored as 16-bit integers in lossless JPEG 2000 (Pillow's OpenJPEG codec) and rebuilt exactly: 41 MiB
 for the 160 volumes. A volume that is not of that form is stored as its float32 bytes (compressed). Unpacking

@@ -190,7 +190,7 @@ NAMES = {
 # of session 10 trained side by side on one host of H200s (FIAS-tiny with and without the full-resolution
 # head, BasicUNet); the figure: session 9's three networks from one host (bundle 0.2.7, the same recipe).
 # Session 11's 20-minute budget against 7.5 minutes, and earlier recipes' curves and figures, are drawn with
-# --curve/--figure and a --tag (see bundle/docs/README.md)
+# --curve/--figure and a --tag (see bundle/docs/acdc_results.md)
 CURVE_RUNS = "fias_v10_h100,fias_v10,fias_v10_fr,basicunet_v10"
 FIGURE_RUNS = "fias_v9,basicunet_v9,swinunetr_v9"
 _TS = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"

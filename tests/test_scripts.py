@@ -119,7 +119,7 @@ def test_run_experiment_evaluates_a_trained_row_again_under_an_eval_tag(tmp_path
     bundle = tmp_path / "runs" / "row" / "bundle"
     assert (bundle / "eval" / "metrics_summary.csv").is_file() and (bundle / "eval_lcc" / "metrics_summary.csv").is_file()
 
-    # the final weights instead of the best validation's, as bundle/docs/README.md documents it: the resume
+    # the final weights instead of the best validation's, as bundle/docs/acdc_results.md documents it: the resume
     # checkpoint holds the optimizer and the best score too, and the loader takes its "model" entry
     _run_experiment(tmp_path, monkeypatch, capsys, overrides, "--eval_tag", "last", "--eval_overrides",
                     '{"validate#handlers#0#load_path": "$os.path.join(@ckpt_dir, \\"last.pt\\")"}')
