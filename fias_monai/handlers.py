@@ -200,7 +200,6 @@ def _weights_file_problem(path: str | os.PathLike, load_dict: dict) -> str:
     it is no PyTorch checkpoint (truncated, another format); its tensors do not fit the configured networks
     (``state_dict_mismatch``: the modules on one side only and the shapes that differ, e.g. weights of
     ``acdc_12min.json``'s full-resolution head loaded without that overlay). ``""`` if it shows none of these."""
-    from .transforms import describe_error
     from .utils import state_dict_mismatch
 
     if not Path(path).is_file():
@@ -208,7 +207,7 @@ def _weights_file_problem(path: str | os.PathLike, load_dict: dict) -> str:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a read of its own: the failure may have come from load_state_dict instead
-        return f"not a readable PyTorch checkpoint, truncated or another format ({describe_error(e)})"
+        return f"not a readable PyTorch checkpoint, truncated or another format ({_unreadable_because(path, e)})"
     if not isinstance(checkpoint, dict):
         return ""
     if len(load_dict) == 1 and next(iter(load_dict)) not in checkpoint:  # a bare state dict, as MONAI reads it
@@ -220,6 +219,19 @@ def _weights_file_problem(path: str | os.PathLike, load_dict: dict) -> str:
         return ""
     return (f"they do not fit the configured network ({mismatch}); run with the overlays and network settings the "
             f"model was trained with (e.g. configs/acdc_12min.json after acdc.json, context_slices, the variant)")
+
+
+def _unreadable_because(path: str | os.PathLike, exc: BaseException) -> str:
+    """Why ``torch.load`` could not read ``path``. PyTorch's weights-only loader answers a file that is no
+    checkpoint at all (a text file, an HTML page saved by a failed download) with advice to load it unsafely, so
+    such a file is named by its first bytes; a damaged checkpoint keeps PyTorch's first line (``exc``)."""
+    from .transforms import describe_error
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip archive, its legacy format a pickle
+        return f"it starts with {head!r}: neither a zip archive nor a pickle"
+    return describe_error(exc)
 
 
 class WeightsLoader(CheckpointLoader):

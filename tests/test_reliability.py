@@ -262,7 +262,7 @@ def test_weights_loader_loads_weights_that_fit(tmp_path):
     assert _same_weights(net, trained)
 
 
-@pytest.mark.parametrize("case", ["another network", "missing", "not a checkpoint"])
+@pytest.mark.parametrize("case", ["another network", "missing", "not a checkpoint", "truncated"])
 def test_weights_loader_names_the_file_and_what_is_wrong(tmp_path, case):
     """One line with the file and the reason the file itself shows, instead of PyTorch's key-by-key list."""
     from fias_monai.handlers import WeightsLoader, WeightsLoadError
@@ -270,6 +270,9 @@ def test_weights_loader_names_the_file_and_what_is_wrong(tmp_path, case):
     path = tmp_path / "model.pt"
     if case == "not a checkpoint":
         path.write_text("a text file saved as model.pt\n")
+    elif case == "truncated":  # an interrupted copy: the zip archive's first half
+        torch.save(_two_convs().state_dict(), path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif case == "another network":
         torch.save(_two_convs(width=4).state_dict(), path)
     why = {"another network": r"they do not fit the configured network \(2 of another shape: 1\.weight \(4, 2, 1, 1\) "
@@ -278,7 +281,11 @@ def test_weights_loader_names_the_file_and_what_is_wrong(tmp_path, case):
                               r"trained with \(e\.g\. configs/acdc_12min\.json after acdc\.json, context_slices, "
                               r"the variant\)",
            "missing": r"file missing \(train first, or set --bundle_root\)",
-           "not a checkpoint": r"not a readable PyTorch checkpoint, truncated or another format \(.+\)"}[case]
+           # named by its first bytes, not by PyTorch's advice to load it with weights_only=False
+           "not a checkpoint": r"not a readable PyTorch checkpoint, truncated or another format \(it starts with "
+                               r"b'a text f': neither a zip archive nor a pickle\)",
+           "truncated": r"not a readable PyTorch checkpoint, truncated or another format \(.*failed reading zip "
+                        r"archive.*\)"}[case]
     with pytest.raises(WeightsLoadError, match=rf"^cannot load the model weights {re.escape(str(path))}: {why}$"):
         WeightsLoader(str(path), {"model": _two_convs()})(_idle_engine())
 
