@@ -18,9 +18,9 @@
 #                     writes models/model.pt into the --bundle folder itself. Not with --overlay.
 #   --fresh           replace an existing copy in the app by a new copy of --bundle. Without it, a copy left
 #                     by an earlier run is kept, with the weights MONAI Label trained into it.
-#   --init-model      if the bundle has no models/model.pt, or (in a copy) one that does not fit the network,
-#                     write randomly initialised weights (MONAI Label serves inference only if a model file
-#                     exists at start-up). Training from those weights is training from scratch.
+#   --init-model      if the bundle has no models/model.pt, or (in a copy) one that does not fit the network or
+#                     cannot be read, write randomly initialised weights (MONAI Label serves inference only if
+#                     a model file exists at start-up). Training from those weights is training from scratch.
 #   --python PY       interpreter with monailabel + fias-monai installed
 #                     (default: $FIAS_LABEL_PYTHON, else `python`)
 #   --dry-run         prepare the app folder and print the server command without running it
@@ -196,30 +196,29 @@ parser["bundle_root"], parser["device"] = dest, "cpu"
 net = parser.get_parsed_content("network_def")
 problem = None
 if not os.path.isfile(model_pt):
-    problem = "is missing"
+    problem = f"{model_pt} is missing"
 else:
-    ckpt = torch.load(model_pt, map_location="cpu", weights_only=False)
-    ckpt = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
-    try:
-        net.load_state_dict(ckpt, strict=True)
-    except Exception as e:  # noqa: BLE001 - report any mismatch
-        from fias_monai.utils import state_dict_mismatch
+    try:  # as the bundle's loader reads it: a training checkpoint's "model" entry, or a bare state dict
+        ckpt = torch.load(model_pt, map_location="cpu", weights_only=True)
+        net.load_state_dict(ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt, strict=True)
+    except Exception as e:  # noqa: BLE001 - unreadable, or weights of another network: the line says which
+        from fias_monai.handlers import weights_load_error
 
-        # which modules or shapes differ (e.g. full_res_head.*: a model of acdc_12min.json without that overlay)
-        why = (isinstance(ckpt, dict) and state_dict_mismatch(ckpt, net)) or str(e).strip().splitlines()[0][:400]
-        problem = f"does not fit configs/inference.json's network_def ({why})"
+        # the message evaluation and inference give (e.g. full_res_head.*: a model of acdc_12min.json without it)
+        problem = str(weights_load_error(model_pt, {"model": net}, e))
 if problem is None:
     sys.exit(0)
-if init_model and (problem == "is missing" or not link):  # never overwrite the linked bundle's own weights
+missing = not os.path.isfile(model_pt)
+if init_model and (missing or not link):  # never overwrite the linked bundle's own weights
     os.makedirs(os.path.dirname(model_pt), exist_ok=True)
     torch.save(net.state_dict(), model_pt)
-    say(f"{model_pt} {problem}: wrote randomly initialised weights")
-elif problem == "is missing":
-    say(f"WARNING: {model_pt} is missing, so MONAI Label serves no inference for 'fias' until a restart "
+    say(f"{problem}\n--init-model: wrote randomly initialised weights to {model_pt}")
+elif missing:
+    say(f"WARNING: {problem}, so MONAI Label serves no inference for 'fias' until a restart "
         "after training. Add --init-model to start from random weights.")
 else:
-    sys.exit(f"monailabel_server.sh: {model_pt} {problem}. Serve a bundle trained with this label set and "
-             "these overlays, or add --init-model (without --link) to replace it with random weights.")
+    sys.exit(f"monailabel_server.sh: {problem}\nServe a bundle trained with this label set and these overlays, "
+             "or add --init-model (without --link) to replace the copy's weights with random ones.")
 EOF
 
 CMD=("$PY" -m monailabel.main start_server --app "$APP" --studies "$STUDIES"

@@ -379,5 +379,19 @@ def test_weights_of_another_network_are_refused_with_what_differs(tmp_path):
     configs = REPO / "bundle" / "configs"
     proc = _overlay_dry_run_now(tmp_path, [configs / "acdc.json", configs / "acdc_12min.json"], "--bundle", bundle)
     assert proc.returncode != 0 and "start_server" not in proc.stderr
-    assert re.search(r"model\.pt does not fit configs/inference\.json's network_def \(.*tensors of the network "
-                     r"missing: full_res_head\.\* \(\d+\)", proc.stderr), proc.stderr[-2000:]
+    # the line evaluation and inference give (fias_monai.handlers.weights_load_error), naming the file
+    assert re.search(r"cannot load the model weights \S*model\.pt: they do not fit the configured network \(.*tensors "
+                     r"of the network missing: full_res_head\.\* \(\d+\)", proc.stderr), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_an_unreadable_model_is_refused_naming_the_file(tmp_path):
+    """A models/model.pt that is no PyTorch checkpoint (a text file, a truncated download): the script stops before
+    the server starts with one line naming the file, not a traceback of torch.load."""
+    bundle = _tiny_bundle(tmp_path / "bundle")
+    (bundle / "models" / "model.pt").write_text("not a checkpoint\n")
+    proc = _overlay_dry_run_now(tmp_path, [REPO / "bundle" / "configs" / "acdc.json"], "--bundle", bundle)
+    assert proc.returncode != 0 and "start_server" not in proc.stderr
+    assert re.search(r"cannot load the model weights \S*model\.pt: not a readable PyTorch checkpoint", proc.stderr), \
+        proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
