@@ -534,6 +534,7 @@ def per_volume_comparison(a: list[dict], b: list[dict], names: tuple[str, str] =
     for name, rows in zip(names, (a, b)):
         if not rows:
             raise ValueError(f"{name} has no per-volume rows (per_case) to compare")
+
     def table(rows):
         t: dict[str, dict[str, float]] = {}
         for row in rows:
