@@ -550,6 +550,21 @@ def per_volume_comparison(a: list[dict], b: list[dict], names: tuple[str, str] =
     return {c: (float(np.mean(d)), int(sum(x > 0 for x in d)), len(d)) for c, d in diffs.items()}
 
 
+def late_validation_mean(history: list[dict], fraction: float = 0.25) -> tuple[float, int]:
+    """The mean of a run's validation mean Dice over the last ``fraction`` of its training time, and how many
+    validations that is. The reported model is the best validation on the reported volumes, a pick that favours
+    the run whose validations swing most; this mean is free of it.
+
+    Raises:
+        ValueError: the run has no validations.
+    """
+    if not history:
+        raise ValueError("no validations to average")
+    start = (1 - fraction) * history[-1]["time_s"]
+    late = [row["val_mean_dice"] for row in history if row["time_s"] >= start]
+    return float(np.mean(late)), len(late)
+
+
 def pooled_comparison(
         comparisons: list[dict[str, tuple[float, int, int]]]) -> dict[str, tuple[float, list[float], int, int]]:
     """Several pairs' ``per_volume_comparison`` (one per seed, say) together: for each class, the mean of the
@@ -614,8 +629,8 @@ def _docs_result(out_dir: Path, name: str) -> dict:
 
 def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CURVE_RUNS,
          figure: str = FIGURE_RUNS, cases: str | None = None, tag: str = "", confusion: str = "",
-         versus: str = "", border: str = "", positions: str = "", missed: str = "", log_gpu: str = "",
-         log_commit: str = "") -> None:
+         versus: str = "", border: str = "", positions: str = "", missed: str = "", late: str = "",
+         log_gpu: str = "", log_commit: str = "") -> None:
     """Args:
         runs: folder of run_experiment outputs (``<name>_log.txt``, ``_results.json``, ``_val_preds.npz``).
         out: the bundle's docs folder.
@@ -634,11 +649,13 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         positions: comma-separated run names whose Dice is split by position along the stack, first, middle
             and last third of each class's slices (``slice_position_table``).
         missed: comma-separated run names whose whole-slice misses are counted (``missed_slice_table``).
+        late: comma-separated run names whose best, last and last-quarter mean validation are printed
+            (``late_validation_mean``: a score free of the best-checkpoint pick).
         log_gpu, log_commit: the card and commit of runs reported from their training log alone (no results
             JSON) whose log predates run_experiment's ``# run_experiment:`` line, which records both.
 
-    Curve and ``versus`` runs missing from ``runs`` are read from their JSONs in ``out``/results (earlier
-    sessions' rows).
+    Curve, ``versus`` and ``late`` runs missing from ``runs`` are read from their JSONs in ``out``/results
+    (earlier sessions' rows).
     """
     runs_dir, out_dir = Path(runs), Path(out)
     (out_dir / "results").mkdir(parents=True, exist_ok=True)
@@ -779,6 +796,12 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         chosen = {n: saved_preds[n] for n in _names(option) if n in saved_preds}
         if chosen:
             print(table(chosen, NAMES))
+    for name in _names(late):
+        history = (results.get(name) or _docs_result(out_dir, name)).get("val_history", [])
+        mean, n = late_validation_mean(history)
+        print(f"{name}: validation mean Dice best {100 * max(row['val_mean_dice'] for row in history):.2f}, "
+              f"last {100 * history[-1]['val_mean_dice']:.2f}, mean over the last quarter of training {100 * mean:.2f} "
+              f"({n} validations)")
     comparisons = []
     for pair in _names(versus):
         a, b = pair.split(":")

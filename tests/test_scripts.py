@@ -215,6 +215,18 @@ def test_report_compares_two_runs_volume_by_volume():
         report.pooled_comparison([])
 
 
+def test_report_averages_the_validations_of_the_last_quarter():
+    report = _load_script("report_acdc")
+    # validations at 2, 4, ..., 20 minutes; the last quarter of 20 minutes starts at 15: those at 16, 18 and 20
+    history = [{"time_s": 120.0 * i, "val_mean_dice": d} for i, d in
+               enumerate([0.80, 0.85, 0.88, 0.90, 0.91, 0.92, 0.95, 0.91, 0.90, 0.92], start=1)]
+    mean, n = report.late_validation_mean(history)
+    assert n == 3 and mean == pytest.approx((0.91 + 0.90 + 0.92) / 3)  # the best (0.95, at 14 min) is not in it
+    assert report.late_validation_mean(history, fraction=1.0) == (pytest.approx(np.mean([r["val_mean_dice"] for r in history])), 10)
+    with pytest.raises(ValueError, match="no validations"):
+        report.late_validation_mean([])
+
+
 def test_report_reads_earlier_rows_from_the_docs_results(tmp_path):
     # --versus and --curve name runs of earlier sessions: their JSONs in the docs' results folder
     report = _load_script("report_acdc")
