@@ -194,21 +194,21 @@ parser = ConfigParser()
 parser.read_config(os.path.join(cfg_dir, "inference.json"))
 parser["bundle_root"], parser["device"] = dest, "cpu"
 net = parser.get_parsed_content("network_def")
-problem = None
-if not os.path.isfile(model_pt):
-    problem = f"{model_pt} is missing"
-else:
-    try:  # as the bundle's loader reads it: a training checkpoint's "model" entry, or a bare state dict
-        ckpt = torch.load(model_pt, map_location="cpu", weights_only=True)
-        net.load_state_dict(ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt, strict=True)
-    except Exception as e:  # noqa: BLE001 - unreadable, or weights of another network: the line says which
-        from fias_monai.handlers import weights_load_error
+missing = not os.path.isfile(model_pt)
+problem = f"{model_pt} is missing" if missing else None
+if not missing:
+    from ignite.engine import Engine
 
-        # the message evaluation and inference give (e.g. full_res_head.*: a model of acdc_12min.json without it)
-        problem = str(weights_load_error(model_pt, {"model": net}, e))
+    from fias_monai.handlers import WeightsLoader, WeightsLoadError
+
+    try:  # the loader evaluate.json and inference.json use, with their one-line error: unreadable, or weights of
+        # another network (e.g. full_res_head.*: a model of acdc_12min.json served without it)
+        WeightsLoader(model_pt, {"model": net}, name="monailabel_server", map_location="cpu")(
+            Engine(lambda engine, batch: None))
+    except WeightsLoadError as e:
+        problem = str(e)
 if problem is None:
     sys.exit(0)
-missing = not os.path.isfile(model_pt)
 if init_model and (missing or not link):  # never overwrite the linked bundle's own weights
     os.makedirs(os.path.dirname(model_pt), exist_ok=True)
     torch.save(net.state_dict(), model_pt)
