@@ -87,6 +87,7 @@ NAMES = {
     "fias_m20_fr_clip_es2_h0sel_s0_cut29": "FIAS-tiny, acdc_12min.json with 20 minutes, seed 0 (session 29)",
     "fias_m20_fr_clip_es2_h0sel_s0_tta": "FIAS-tiny, acdc_12min.json with 20 minutes, seed 0, test-time flips",
     "fias_m20_fr_clip_es2_h0sel_s1": "FIAS-tiny, acdc_12min.json with 20 minutes, seed 1",
+    "fias_m20_fr_clip_es2_h0sel_s1_cut29": "FIAS-tiny, acdc_12min.json with 20 minutes, seed 1 (session 29)",
     "fias_m20_fr_clip_es2_h0sel_s1_tta": "FIAS-tiny, acdc_12min.json with 20 minutes, seed 1, test-time flips",
     "fias_m20_fr_clip_es2_h0sel_s2": "FIAS-tiny, acdc_12min.json with 20 minutes, seed 2",
     "fias_m20_fr_clip_es2_h0sel_s2_tta": "FIAS-tiny, acdc_12min.json with 20 minutes, seed 2, test-time flips",
