@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -12,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "bundle_cli_args", "destroy_process_group", "state_dict_mismatch"]
+__all__ = ["atomic_path", "bundle_cli_args", "destroy_process_group", "source_commit", "state_dict_mismatch"]
 
 
 @contextmanager
@@ -51,6 +52,29 @@ def bundle_cli_args(overrides: dict) -> list[str]:
                          f"config's value would stay); give a value instead (max_minutes: 0 switches the time "
                          f"budget off)")
     return [a for k, v in overrides.items() for a in (f"--{k}", str(v))]
+
+
+def source_commit(root: str | os.PathLike | None = None) -> str | None:
+    """The git commit of the source tree at ``root`` (default: the one this package runs from), for results files.
+
+    ``<sha>+dirty`` when tracked files differ from that commit, so a number measured on uncommitted code says so.
+    Where ``root`` is no git checkout (a copy of the code on another machine, an installed package) the
+    ``GIT_COMMIT`` environment variable names the commit the copy was made from; ``None`` without either.
+    Only ``root`` itself counts as a checkout, not a repository around it (a virtual environment inside a clone
+    would otherwise report the clone's commit for a package installed from elsewhere).
+    """
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() == root.resolve():
+            return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):  # no git, not a repository, no commit yet
+        pass
+    return os.environ.get("GIT_COMMIT")
 
 
 def state_dict_mismatch(state: Mapping[str, Any], module: Any, shown: int = 3) -> str:

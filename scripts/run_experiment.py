@@ -2,7 +2,8 @@
 
 Runs exactly the commands a user runs (``python -m monai.bundle run training`` then ``evaluating``)
 with the given config overlays and overrides, records wall-clock minutes, the GPU, the git commit
-(``GIT_COMMIT`` env var when the tree has no .git), GPU utilisation samples, the validation curve
+(``fias_monai.utils.source_commit``: ``+dirty`` for uncommitted changes, the ``GIT_COMMIT`` env var where the tree
+is no git checkout), GPU utilisation samples, the validation curve
 (``val_history.csv``) and the per-class metrics, and saves the predictions of a few validation volumes
 (uint8 npz) for the qualitative figure. Both files are written atomically, the results JSON first: its presence
 marks an evaluated row, and ``<name>_val_preds.npz`` marks the predictions saved (a job cut off while they are
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import fire
 
-from fias_monai.utils import atomic_path, bundle_cli_args
+from fias_monai.utils import atomic_path, bundle_cli_args, source_commit
 
 # the line before the training command in the log: the row's facts as JSON (scripts/report_acdc.py reads it back)
 RUN_LINE = "# run_experiment: "
@@ -55,11 +56,6 @@ def _gpu_sampler(samples: list, stop: threading.Event) -> None:
         except Exception:
             pass
         stop.wait(1.0)
-
-
-def _git_commit() -> str:
-    return os.environ.get("GIT_COMMIT") or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                                                          text=True).stdout.strip()
 
 
 def _gpu_name() -> str:
@@ -126,7 +122,7 @@ def main(name: str, overlays: str, workdir: str = "/tmp/runs", out: str = "resul
         # is still reported from its log with the right config, commit and card (report_acdc._from_training_log)
         with open(log, "a") as f:
             f.write(RUN_LINE + json.dumps({"name": name, "overlays": overlays_list, "overrides": overrides,
-                                           "git_commit": _git_commit(), "gpu": _gpu_name()}, default=str) + "\n")
+                                           "git_commit": source_commit(), "gpu": _gpu_name()}, default=str) + "\n")
         train_start = time.time()
         train_s = _bundle("training", ["bundle/configs/train.json", *overlays_list], common, log)
         train_end = time.time()
@@ -153,7 +149,7 @@ def main(name: str, overlays: str, workdir: str = "/tmp/runs", out: str = "resul
         "eval_overrides": eval_overrides or {},
         "command": f"python -m monai.bundle run training --config_file \"{['bundle/configs/train.json', *overlays_list]}\" "
                    + " ".join(common),
-        "git_commit": _git_commit(),
+        "git_commit": source_commit(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "torch": torch.__version__,

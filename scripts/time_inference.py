@@ -338,16 +338,6 @@ def _environment(device) -> dict:
     return env
 
 
-def _git_commit() -> str | None:
-    with contextlib.suppress(Exception):
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        if out.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
-            return out.stdout.strip() + ("+dirty" if dirty else "")
-    return os.environ.get("GIT_COMMIT")
-
-
 # ----------------------------------------------------------------------------------------------------
 # the runs
 
@@ -598,6 +588,7 @@ def main(out: str | None = None, size: int = 512, slices: int = 100, copies: int
     import torch
 
     from fias_monai.transforms import as_bool
+    from fias_monai.utils import source_commit
 
     # fire passes "false" as a string
     cli, breakdown, folder = as_bool(cli, "cli"), as_bool(breakdown, "breakdown"), as_bool(folder, "folder")
@@ -650,7 +641,7 @@ def main(out: str | None = None, size: int = 512, slices: int = 100, copies: int
         result: dict[str, Any] = {
             "what": "bundle inference workflow on a synthetic CT, per volume (scripts/time_inference.py)",
             "environment": res["environment"],
-            "git_commit": _git_commit(),
+            "git_commit": source_commit(REPO),
             "volume": {"shape": [size, size, slices], "dtype": "int16", "spacing_mm": list(spacing),
                        "axcodes": axcodes, "file_mib": round(first.stat().st_size / 2**20, 2)},
             "config_files": [os.path.relpath(c, REPO) for c in config_files],

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -146,6 +148,36 @@ def test_run_experiment_refuses_a_none_override_before_running(tmp_path):
         _fire_run_experiment(tmp_path, {**TINY, "max_minutes": None})
     assert "['max_minutes'] are None" in str(e.value) and "max_minutes: 0" in str(e.value)
     assert not (tmp_path / "out" / "row_log.txt").exists()  # nothing was started
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs the git executable")
+def test_source_commit_names_the_checkout_or_the_copy_it_was_made_from(tmp_path, monkeypatch):
+    """The commit a results file records: the tree's own (``+dirty`` with tracked changes), else GIT_COMMIT."""
+    from fias_monai.utils import source_commit
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tree), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    monkeypatch.delenv("GIT_COMMIT", raising=False)
+    tree = tmp_path / "tree"
+    (tree / "pkg").mkdir(parents=True)
+    (tree / "a.py").write_text("x = 1\n")
+    assert source_commit(tree) is None  # no checkout, no variable: unknown, not a guess
+    monkeypatch.setenv("GIT_COMMIT", "f" * 40)
+    assert source_commit(tree) == "f" * 40  # a copy of the code on the GPU machine
+
+    git("init", "-q")
+    assert source_commit(tree) == "f" * 40  # a repository without a commit yet
+    git("add", "a.py")
+    git("commit", "-q", "-m", "a")
+    head = git("rev-parse", "HEAD")
+    assert len(head) == 40 and source_commit(tree) == head  # the checkout's own commit wins over the variable
+    (tree / "b.py").write_text("untracked\n")
+    assert source_commit(tree) == head  # untracked files do not change what ran
+    (tree / "a.py").write_text("x = 2\n")
+    assert source_commit(tree) == head + "+dirty"
+    assert source_commit(tree / "pkg") == "f" * 40  # a folder inside a clone is not that clone's code
 
 
 def test_resolution_ceiling_is_exact_at_stride_1_only_with_nearest_exact():
