@@ -150,7 +150,7 @@ def main(name: str, overlays: str, workdir: str = "/tmp/runs", out: str = "resul
         "command": f"python -m monai.bundle run training --config_file \"{['bundle/configs/train.json', *overlays_list]}\" "
                    + " ".join(common),
         "git_commit": source_commit(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "gpu": _gpu_name(),  # as the log's first line names it (nvidia-smi), without a CUDA context here
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "torch": torch.__version__,
         "train_wall_minutes_incl_caching": round(train_s / 60, 2),
