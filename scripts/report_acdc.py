@@ -566,6 +566,34 @@ def late_validation_mean(history: list[dict], fraction: float = 0.25) -> tuple[f
     return float(np.mean(late)), len(late)
 
 
+def run_mean(rows: list[dict]) -> dict[str, tuple[float, list[float]]]:
+    """The mean over several runs (the seeds of one recipe) of what the tables give for each: mean Dice, each
+    class's Dice and the mean HD95 from the evaluation, the last validation (the final weights' score) and the
+    mean over the last quarter of training (``late_validation_mean``); each with the runs' own values, Dice in
+    percent, HD95 in voxels. A measure some run lacks is left out rather than averaged over fewer runs: a row cut
+    before its budget ended (``cut_at_minutes``) has no per-class values or HD95, and its last validations are
+    not those of the finished run.
+
+    Raises:
+        ValueError: no runs.
+    """
+    if not rows:
+        raise ValueError("no runs to average")
+    each: list[dict[str, float]] = []
+    for r in rows:
+        by = {row["class_name"]: row for row in r.get("summary", [])}
+        values = {"mean": 100 * float(by["mean"]["dice"])} if "mean" in by else {}
+        values.update({c: 100 * float(by[c]["dice"]) for c in CLASSES[1:] if c in by})
+        if by.get("mean", {}).get("hd95") not in (None, ""):
+            values["HD95"] = float(by["mean"]["hd95"])
+        if r.get("val_history") and "cut_at_minutes" not in r:
+            values["last validation"] = 100 * float(r["val_history"][-1]["val_mean_dice"])
+            values["last-quarter mean"] = 100 * late_validation_mean(r["val_history"])[0]
+        each.append(values)
+    shared = [k for k in each[0] if all(k in v for v in each)]
+    return {k: (float(np.mean([v[k] for v in each])), [v[k] for v in each]) for k in shared}
+
+
 def pooled_comparison(
         comparisons: list[dict[str, tuple[float, int, int]]]) -> dict[str, tuple[float, list[float], int, int]]:
     """Several pairs' ``per_volume_comparison`` (one per seed, say) together: for each class, the mean of the
@@ -631,7 +659,7 @@ def _docs_result(out_dir: Path, name: str) -> dict:
 def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CURVE_RUNS,
          figure: str = FIGURE_RUNS, cases: str | None = None, tag: str = "", confusion: str = "",
          versus: str = "", border: str = "", positions: str = "", missed: str = "", late: str = "",
-         log_gpu: str = "", log_commit: str = "") -> None:
+         mean: str = "", log_gpu: str = "", log_commit: str = "") -> None:
     """Args:
         runs: folder of run_experiment outputs (``<name>_log.txt``, ``_results.json``, ``_val_preds.npz``).
         out: the bundle's docs folder.
@@ -652,10 +680,12 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         missed: comma-separated run names whose whole-slice misses are counted (``missed_slice_table``).
         late: comma-separated run names whose best, last and last-quarter mean validation are printed
             (``late_validation_mean``: a score free of the best-checkpoint pick).
+        mean: groups of runs separated by ``;``, each comma-separated (the seeds of one recipe), whose means are
+            printed (``run_mean``: Dice per class, HD95, last validation, last-quarter mean, with each run's value).
         log_gpu, log_commit: the card and commit of runs reported from their training log alone (no results
             JSON) whose log predates run_experiment's ``# run_experiment:`` line, which records both.
 
-    Curve, ``versus`` and ``late`` runs missing from ``runs`` are read from their JSONs in ``out``/results
+    Curve, ``versus``, ``late`` and ``mean`` runs missing from ``runs`` are read from their JSONs in ``out``/results
     (earlier sessions' rows).
     """
     runs_dir, out_dir = Path(runs), Path(out)
@@ -803,6 +833,19 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         print(f"{name}: validation mean Dice best {100 * max(row['val_mean_dice'] for row in history):.2f}, "
               f"last {100 * history[-1]['val_mean_dice']:.2f}, mean over the last quarter of training {100 * mean:.2f} "
               f"({n} validations)")
+    # fire turns a single group "a,b" into a tuple, and leaves "a,b;c" a string
+    for names in ([list(mean)] if isinstance(mean, (list, tuple)) else [_names(g) for g in str(mean).split(";") if g]):
+        group = {n: results.get(n) or _docs_result(out_dir, n) for n in names}
+        unknown = [n for n, r in group.items() if not r]
+        if unknown:
+            raise SystemExit(f"--mean: no results of {', '.join(unknown)} in {runs_dir} or {out_dir / 'results'}")
+        averaged = run_mean(list(group.values()))
+        cut = [n for n, r in group.items() if "cut_at_minutes" in r]
+        print(f"mean of {', '.join(names)} ({len(names)} run{'s' if len(names) > 1 else ''}"
+              + (f"; cut before the end of the budget, their best validation by then a lower bound: {', '.join(cut)}"
+                 if cut else "") + "):")
+        for k, (m, values) in averaged.items():
+            print(f"  {k}: {m:.2f} ({', '.join(f'{v:.2f}' for v in values)})")
     comparisons = []
     for pair in _names(versus):
         a, b = pair.split(":")

@@ -259,6 +259,31 @@ def test_report_averages_the_validations_of_the_last_quarter():
         report.late_validation_mean([])
 
 
+def test_report_averages_the_seeds_of_a_recipe():
+    report = _load_script("report_acdc")
+
+    def run(dice, hd95="1.5", last=0.90, **extra):  # {class: dice} -> a results JSON's summary and curve
+        summary = [{"class_name": c, "dice": str(d), "hd95": hd95 if c == "mean" else ""} for c, d in dice.items()]
+        curve = [{"time_s": t, "val_mean_dice": v} for t, v in ((60.0, 0.80), (180.0, 0.92), (240.0, last))]
+        return {"summary": summary, "val_history": curve, **extra}
+
+    a = run({"RV": 0.90, "MYO": 0.88, "LV": 0.94, "mean": 0.9067}, hd95="1.2", last=0.90)
+    b = run({"RV": 0.86, "MYO": 0.90, "LV": 0.95, "mean": 0.9033}, hd95="1.6", last=0.88)
+    m = report.run_mean([a, b])
+    assert list(m) == ["mean", "RV", "MYO", "LV", "HD95", "last validation", "last-quarter mean"]
+    assert m["mean"][0] == pytest.approx(90.5) and m["mean"][1] == pytest.approx([90.67, 90.33])
+    assert m["RV"][0] == pytest.approx(88.0) and m["HD95"][0] == pytest.approx(1.4)
+    assert m["last validation"][0] == pytest.approx(89.0)
+    # the last quarter of 240 s starts at 180 s: (92 + 90) / 2 and (92 + 88) / 2
+    assert m["last-quarter mean"][1] == pytest.approx([91.0, 90.0])
+    # a row cut before its budget ended: its best validation joins the mean Dice, nothing it does not have
+    cut = run({"mean": 0.92}, hd95="", cut_at_minutes=17.0)
+    m = report.run_mean([a, b, cut])
+    assert list(m) == ["mean"] and m["mean"][0] == pytest.approx((90.67 + 90.33 + 92.0) / 3)
+    with pytest.raises(ValueError, match="no runs"):
+        report.run_mean([])
+
+
 def test_report_reads_earlier_rows_from_the_docs_results(tmp_path):
     # --versus and --curve name runs of earlier sessions: their JSONs in the docs' results folder
     report = _load_script("report_acdc")
@@ -431,6 +456,17 @@ def test_report_writes_the_docs_json_table_curve_and_figure_from_a_runs_folder(t
         (runs / f"{name}_log.txt").write_text("x - Epoch[1] Complete. Time taken\n")
     report.main(runs=str(runs), out=str(out), curve="a,b,c,d,e", figure="", tag="_five")
     assert plt.imread(out / "acdc_val_curve_five.png").shape == (576, 720, 4)
+
+    # --mean: groups split at ";" (an earlier session's row among them); one group alone comes from fire as a tuple
+    capsys.readouterr()
+    report.main(runs=str(runs), out=str(out), curve="", figure="", mean="a,b;c,old")
+    printed = capsys.readouterr().out.splitlines()
+    assert "mean of a, b (2 runs):" in printed and "  mean: 85.62 (91.23, 80.00)" in printed
+    assert "mean of c, old (2 runs):" in printed and "  mean: 87.50 (90.00, 85.00)" in printed
+    report.main(runs=str(runs), out=str(out), curve="", figure="", mean=("a", "b"))
+    assert "mean of a, b (2 runs):" in capsys.readouterr().out.splitlines()
+    with pytest.raises(SystemExit, match="no results of nope in"):
+        report.main(runs=str(runs), out=str(out), curve="", figure="", mean="a,nope")
 
 
 def test_report_keeps_a_row_whose_evaluation_never_finished_with_its_own_facts(tmp_path, capsys):
