@@ -641,7 +641,7 @@ def main(out: str | None = None, size: int = 512, slices: int = 100, copies: int
         result: dict[str, Any] = {
             "what": "bundle inference workflow on a synthetic CT, per volume (scripts/time_inference.py)",
             "environment": res["environment"],
-            "git_commit": source_commit(REPO),
+            "git_commit": source_commit(),
             "volume": {"shape": [size, size, slices], "dtype": "int16", "spacing_mm": list(spacing),
                        "axcodes": axcodes, "file_mib": round(first.stat().st_size / 2**20, 2)},
             "config_files": [os.path.relpath(c, REPO) for c in config_files],
