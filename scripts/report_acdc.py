@@ -827,15 +827,18 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         chosen = {n: saved_preds[n] for n in _names(option) if n in saved_preds}
         if chosen:
             print(table(chosen, NAMES))
+    def result(name: str) -> dict:  # this report's row, else an earlier session's JSON in the docs, else {}
+        return results.get(name) or _docs_result(out_dir, name)
+
     for name in _names(late):
-        history = (results.get(name) or _docs_result(out_dir, name)).get("val_history", [])
-        mean, n = late_validation_mean(history)
+        history = result(name).get("val_history", [])
+        late_mean, n = late_validation_mean(history)
         print(f"{name}: validation mean Dice best {100 * max(row['val_mean_dice'] for row in history):.2f}, "
-              f"last {100 * history[-1]['val_mean_dice']:.2f}, mean over the last quarter of training {100 * mean:.2f} "
-              f"({n} validations)")
+              f"last {100 * history[-1]['val_mean_dice']:.2f}, mean over the last quarter of training "
+              f"{100 * late_mean:.2f} ({n} validations)")
     # fire turns a single group "a,b" into a tuple, and leaves "a,b;c" a string
     for names in ([list(mean)] if isinstance(mean, (list, tuple)) else [_names(g) for g in str(mean).split(";") if g]):
-        group = {n: results.get(n) or _docs_result(out_dir, n) for n in names}
+        group = {n: result(n) for n in names}
         unknown = [n for n, r in group.items() if not r]
         if unknown:
             raise SystemExit(f"--mean: no results of {', '.join(unknown)} in {runs_dir} or {out_dir / 'results'}")
@@ -849,7 +852,7 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     comparisons = []
     for pair in _names(versus):
         a, b = pair.split(":")
-        rows = [(results.get(n) or _docs_result(out_dir, n)).get("per_case", []) for n in (a, b)]
+        rows = [result(n).get("per_case", []) for n in (a, b)]
         comparisons.append(per_volume_comparison(*rows, names=(a, b)))
         print(f"{a} against {b}, volume by volume:")
         for c, (d, better, n) in comparisons[-1].items():

@@ -457,9 +457,10 @@ def test_report_writes_the_docs_json_table_curve_and_figure_from_a_runs_folder(t
     report.main(runs=str(runs), out=str(out), curve="a,b,c,d,e", figure="", tag="_five")
     assert plt.imread(out / "acdc_val_curve_five.png").shape == (576, 720, 4)
 
-    # --mean: groups split at ";" (an earlier session's row among them); one group alone comes from fire as a tuple
+    # --mean: groups split at ";" (an earlier session's row among them), beside --late (whose own mean once took the
+    # option's place); one group alone comes from fire as a tuple
     capsys.readouterr()
-    report.main(runs=str(runs), out=str(out), curve="", figure="", mean="a,b;c,old")
+    report.main(runs=str(runs), out=str(out), curve="", figure="", late="a", mean="a,b;c,old")
     printed = capsys.readouterr().out.splitlines()
     assert "mean of a, b (2 runs):" in printed and "  mean: 85.62 (91.23, 80.00)" in printed
     assert "mean of c, old (2 runs):" in printed and "  mean: 87.50 (90.00, 85.00)" in printed
