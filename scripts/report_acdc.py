@@ -90,6 +90,7 @@ NAMES = {
     "fias_m20_fr_clip_es2_h0sel_s1_cut29": "FIAS-tiny, acdc_12min.json with 20 minutes, seed 1 (session 29)",
     "fias_m20_fr_clip_es2_h0sel_s1_tta": "FIAS-tiny, acdc_12min.json with 20 minutes, seed 1, test-time flips",
     "fias_m20_fr_clip_es2_h0sel_s2": "FIAS-tiny, acdc_12min.json with 20 minutes, seed 2",
+    "fias_m20_fr_clip_es2_h0sel_s2_cut29": "FIAS-tiny, acdc_12min.json with 20 minutes, seed 2 (session 29)",
     "fias_m20_fr_clip_es2_h0sel_s2_tta": "FIAS-tiny, acdc_12min.json with 20 minutes, seed 2, test-time flips",
     "swinunetr_m20_s2": "MONAI SwinUNETR-2D, 20-minute budget, seed 2",
     "swinunetr_m20_s2_tta": "MONAI SwinUNETR-2D, 20 minutes, seed 2, test-time flips",
@@ -650,6 +651,73 @@ def _titled_figure(rows: list[np.ndarray], columns: list[str], cases: list[str],
     plt.close(fig)
 
 
+def plot_validation_curve(runs: dict[str, dict], path: Path) -> None:
+    """Draw validation mean Dice against training wall-clock time, one line per run in the order given, and save
+    it as ``path``. A validation below half of its run's best (a collapse) is marked under the axis instead.
+
+    Args:
+        runs: run name to its results (``val_history`` rows of ``time_s`` and ``val_mean_dice``, ``gpu``, and
+            ``cut_at_minutes`` for a run cut before its budget ended).
+        path: the PNG written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = list(runs)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    gpus = {runs[n]["gpu"] for n in drawn}  # runs on different cards name theirs in the legend
+    # a validation below half of its run's best is a collapse (one such point, 0.00, would squeeze every curve
+    # into the top tenth of a 0-100 axis): the axis starts above it, and it is marked at the bottom and named
+    collapsed, colours, kept = [], {}, []
+    for name in drawn:
+        r = runs[name]
+        best = max((row["val_mean_dice"] for row in r["val_history"]), default=0.0)
+        keep = [row for row in r["val_history"] if row["val_mean_dice"] >= best / 2]
+        collapsed += [(name, row) for row in r["val_history"] if row["val_mean_dice"] < best / 2]
+        kept += [row["val_mean_dice"] for row in keep]
+        label = NAMES.get(name, name) + (f" ({_card(r['gpu'])})" if len(gpus) > 1 else "")
+        if "cut_at_minutes" in r:  # a row whose machine went back before its budget ended
+            label += f", cut at {r['cut_at_minutes']:.0f} min"
+        line, = ax.plot([row["time_s"] / 60 for row in keep], [100 * row["val_mean_dice"] for row in keep],
+                        marker=".", label=label)
+        colours[name] = line.get_color()
+    ax.axhline(90, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("training wall-clock time (min)")
+    ax.set_ylabel("validation mean Dice (%)")
+    card = f", {gpus.pop()}" if len(gpus) == 1 else ""
+    ax.set_title(f"ACDC val.list, 3D protocol{card} (one GPU per run)", fontsize=9)
+    # from the decade below the lowest drawn validation: the plateau and the 90 line stay readable
+    floor = 10 * int(10 * min(kept, default=0.0))
+    ax.set_ylim(floor, 100)
+    for name in dict.fromkeys(n for n, _ in collapsed):  # one note per run, however many of its points are off
+        rows = [row for n, row in collapsed if n == name]
+        minutes = [row["time_s"] / 60 for row in rows]
+        ax.plot(minutes, [floor + 0.4] * len(rows), ls="", marker="v", color=colours[name], clip_on=False)
+        when = f"{minutes[0]:.1f}" if len(rows) == 1 else f"{minutes[0]:.1f}-{minutes[-1]:.1f}"
+        values = ", ".join(f"{100 * row['val_mean_dice']:.2f}" for row in rows)
+        # one point: the note ends left of it; several: it starts right of the last one (a long note, kept on the axes)
+        anchor, dx, ha = (minutes[0], -6, "right") if len(rows) == 1 else (minutes[-1], 6, "left")
+        ax.annotate(f"{values} at {when} min (off the axis)", (anchor, floor + 0.4), xytext=(dx, 2),
+                    textcoords="offset points", ha=ha, fontsize=7)
+    ax.grid(alpha=0.3)
+    if len(drawn) > 4:
+        # more long labels than an empty corner holds would cover the curves' early minutes, dips included:
+        # the legend goes under the axes, and the figure grows by its height
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+        fig.set_size_inches(6, 4 + 0.16 * len(drawn))
+    else:
+        # with one collapse marked at the bottom, the legend sits just above its note; a run with several points
+        # off the axis (a slow start) rises through that corner, so matplotlib picks the emptiest place instead
+        one_each = len(collapsed) == len({n for n, _ in collapsed})
+        above_note = {"loc": "lower right", "bbox_to_anchor": (1, 0.06)} if collapsed and one_each else {}
+        ax.legend(fontsize=8, **above_note)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def _docs_result(out_dir: Path, name: str) -> dict:
     """An earlier session's row: its JSON in ``out_dir``/results, or {} if there is none."""
     path = out_dir / "results" / f"{name}.json"
@@ -737,57 +805,13 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     import matplotlib.pyplot as plt
 
     earlier = {n: r for n in _names(curve) if n not in results for r in [_docs_result(out_dir, n)] if r}
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     drawn = [n for n in _names(curve) if n in results or n in earlier]
     results = {**earlier, **results}
-    gpus = {results[n]["gpu"] for n in drawn}  # runs on different cards name theirs in the legend
-    # a validation below half of its run's best is a collapse (one such point, 0.00, would squeeze every curve
-    # into the top tenth of a 0-100 axis): the axis starts above it, and it is marked at the bottom and named
-    collapsed, colours, kept = [], {}, []
-    for name in drawn:
-        r = results[name]
-        best = max((row["val_mean_dice"] for row in r["val_history"]), default=0.0)
-        keep = [row for row in r["val_history"] if row["val_mean_dice"] >= best / 2]
-        collapsed += [(name, row) for row in r["val_history"] if row["val_mean_dice"] < best / 2]
-        kept += [row["val_mean_dice"] for row in keep]
-        label = NAMES.get(name, name) + (f" ({_card(r['gpu'])})" if len(gpus) > 1 else "")
-        if "cut_at_minutes" in r:  # a row whose machine went back before its budget ended
-            label += f", cut at {r['cut_at_minutes']:.0f} min"
-        line, = ax.plot([row["time_s"] / 60 for row in keep], [100 * row["val_mean_dice"] for row in keep],
-                        marker=".", label=label)
-        colours[name] = line.get_color()
-    ax.axhline(90, color="gray", lw=0.8, ls="--")
-    ax.set_xlabel("training wall-clock time (min)")
-    ax.set_ylabel("validation mean Dice (%)")
-    card = f", {gpus.pop()}" if len(gpus) == 1 else ""
-    ax.set_title(f"ACDC val.list, 3D protocol{card} (one GPU per run)", fontsize=9)
-    # from the decade below the lowest drawn validation: the plateau and the 90 line stay readable
-    floor = 10 * int(10 * min(kept, default=0.0))
-    ax.set_ylim(floor, 100)
-    for name in dict.fromkeys(n for n, _ in collapsed):  # one note per run, however many of its points are off
-        rows = [row for n, row in collapsed if n == name]
-        minutes = [row["time_s"] / 60 for row in rows]
-        ax.plot(minutes, [floor + 0.4] * len(rows), ls="", marker="v", color=colours[name], clip_on=False)
-        when = f"{minutes[0]:.1f}" if len(rows) == 1 else f"{minutes[0]:.1f}-{minutes[-1]:.1f}"
-        values = ", ".join(f"{100 * row['val_mean_dice']:.2f}" for row in rows)
-        # one point: the note ends left of it; several: it starts right of the last one (a long note, kept on the axes)
-        anchor, dx, ha = (minutes[0], -6, "right") if len(rows) == 1 else (minutes[-1], 6, "left")
-        ax.annotate(f"{values} at {when} min (off the axis)", (anchor, floor + 0.4), xytext=(dx, 2),
-                    textcoords="offset points", ha=ha, fontsize=7)
-    ax.grid(alpha=0.3)
-    if len(drawn) > 4:
-        # more long labels than an empty corner holds would cover the curves' early minutes, dips included:
-        # the legend goes under the axes, and the figure grows by its height
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
-        fig.set_size_inches(6, 4 + 0.16 * len(drawn))
-    else:
-        # with one collapse marked at the bottom, the legend sits just above its note; a run with several points
-        # off the axis (a slow start) rises through that corner, so matplotlib picks the emptiest place instead
-        one_each = len(collapsed) == len({n for n, _ in collapsed})
-        above_note = {"loc": "lower right", "bbox_to_anchor": (1, 0.06)} if collapsed and one_each else {}
-        ax.legend(fontsize=8, **above_note)
-    fig.tight_layout()
-    fig.savefig(out_dir / f"acdc_val_curve{tag}.png")
+    # an empty --curve draws nothing, so the docs' curve of that name is left as it is
+    if drawn:
+        plot_validation_curve({n: results[n] for n in drawn}, out_dir / f"acdc_val_curve{tag}.png")
+    elif _names(curve):
+        print(f"--curve: no results of {', '.join(_names(curve))}; no curve drawn")
 
     # the tables of saved predictions, in the order they are printed, each with the option naming its runs
     tables = ((confusion, confusion_table), (border, border_table), (positions, slice_position_table),
@@ -832,6 +856,8 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
 
     for name in _names(late):
         history = result(name).get("val_history", [])
+        if not history:
+            raise SystemExit(f"--late: no validations of {name} in {runs_dir} or {out_dir / 'results'}")
         late_mean, n = late_validation_mean(history)
         print(f"{name}: validation mean Dice best {100 * max(row['val_mean_dice'] for row in history):.2f}, "
               f"last {100 * history[-1]['val_mean_dice']:.2f}, mean over the last quarter of training "
@@ -853,6 +879,9 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     for pair in _names(versus):
         a, b = pair.split(":")
         rows = [result(n).get("per_case", []) for n in (a, b)]
+        for n, per_case in zip((a, b), rows):
+            if not per_case:  # an unknown run, or one whose JSON predates per-volume rows (before session 13)
+                raise SystemExit(f"--versus {pair}: no per-volume results of {n} in {runs_dir} or {out_dir / 'results'}")
         comparisons.append(per_volume_comparison(*rows, names=(a, b)))
         print(f"{a} against {b}, volume by volume:")
         for c, (d, better, n) in comparisons[-1].items():

@@ -459,8 +459,11 @@ def test_report_writes_the_docs_json_table_curve_and_figure_from_a_runs_folder(t
 
     # --mean: groups split at ";" (an earlier session's row among them), beside --late (whose own mean once took the
     # option's place); one group alone comes from fire as a tuple
+    # an empty --curve (the tables alone) leaves the docs' curve of the untagged name as it is
+    (out / "acdc_val_curve.png").write_bytes(b"the time target's curve")
     capsys.readouterr()
     report.main(runs=str(runs), out=str(out), curve="", figure="", late="a", mean="a,b;c,old")
+    assert (out / "acdc_val_curve.png").read_bytes() == b"the time target's curve"
     printed = capsys.readouterr().out.splitlines()
     assert "mean of a, b (2 runs):" in printed and "  mean: 85.62 (91.23, 80.00)" in printed
     assert "mean of c, old (2 runs):" in printed and "  mean: 87.50 (90.00, 85.00)" in printed
@@ -468,6 +471,16 @@ def test_report_writes_the_docs_json_table_curve_and_figure_from_a_runs_folder(t
     assert "mean of a, b (2 runs):" in capsys.readouterr().out.splitlines()
     with pytest.raises(SystemExit, match="no results of nope in"):
         report.main(runs=str(runs), out=str(out), curve="", figure="", mean="a,nope")
+    # runs a table needs but that lack the values stop the report with their name
+    with pytest.raises(SystemExit, match="--late: no validations of nope in"):
+        report.main(runs=str(runs), out=str(out), curve="", figure="", late="a,nope")
+    (out / "results" / "early.json").write_text(json.dumps({**_report_row("early", 0.9, [(20, 0.9)], cases),
+                                                            "per_case": []}))
+    with pytest.raises(SystemExit, match="--versus a:early: no per-volume results of early in"):
+        report.main(runs=str(runs), out=str(out), curve="", figure="", versus="a:early")
+    report.main(runs=str(runs), out=str(out), curve="nope", figure="", tag="_none")
+    assert "--curve: no results of nope; no curve drawn" in capsys.readouterr().out
+    assert not (out / "acdc_val_curve_none.png").exists()
 
 
 def test_report_keeps_a_row_whose_evaluation_never_finished_with_its_own_facts(tmp_path, capsys):
