@@ -520,8 +520,8 @@ def missed_slice_table(preds: dict[str, dict], names: dict[str, str] | None = No
     return "\n".join(lines)
 
 
-def per_volume_comparison(a: list[dict], b: list[dict], names: tuple[str, str] = ("a", "b"),
-                          ) -> dict[str, tuple[float, int, int]]:
+def per_volume_comparison(a: list[dict], b: list[dict],
+                          names: tuple[str, str] = ("a", "b")) -> dict[str, tuple[float, int, int]]:
     """How run ``a`` does against run ``b`` volume by volume, from their ``per_case`` rows (one per volume and
     class, ``dice`` in [0, 1]): for each class, and for the volume's mean over the classes, the mean
     difference a - b in Dice points and on how many volumes a is better, out of how many.
