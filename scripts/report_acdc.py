@@ -731,7 +731,7 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     """Args:
         runs: folder of run_experiment outputs (``<name>_log.txt``, ``_results.json``, ``_val_preds.npz``).
         out: the bundle's docs folder.
-        curve: comma-separated run names drawn in the validation curve.
+        curve: comma-separated run names drawn in the validation curve (empty: none drawn, none written).
         figure: comma-separated run names of the qualitative figure's columns.
         cases: comma-separated saved volumes shown as rows (default: the first and the last volume the
             first figure run saved: patient019 and patient021, the case min-max scaling made hard), each at its

@@ -457,9 +457,9 @@ def test_report_writes_the_docs_json_table_curve_and_figure_from_a_runs_folder(t
     report.main(runs=str(runs), out=str(out), curve="a,b,c,d,e", figure="", tag="_five")
     assert plt.imread(out / "acdc_val_curve_five.png").shape == (576, 720, 4)
 
+    # an empty --curve (the tables alone) leaves the docs' curve of the untagged name as it is;
     # --mean: groups split at ";" (an earlier session's row among them), beside --late (whose own mean once took the
     # option's place); one group alone comes from fire as a tuple
-    # an empty --curve (the tables alone) leaves the docs' curve of the untagged name as it is
     (out / "acdc_val_curve.png").write_bytes(b"the time target's curve")
     capsys.readouterr()
     report.main(runs=str(runs), out=str(out), curve="", figure="", late="a", mean="a,b;c,old")
