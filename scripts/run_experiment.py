@@ -109,6 +109,8 @@ def main(name: str, overlays: str, workdir: str = "/tmp/runs", out: str = "resul
     # evaluates (the checkpoint in the workdir is kept)
     done_file = run_dir / "training_done.json"
     run_key = {"overlays": overlays_list, "overrides": overrides}
+    # read once: the log's first line and the results JSON name the same commit and card
+    commit, gpu = source_commit(), _gpu_name()
     if done_file.exists():
         done = json.loads(done_file.read_text())
         if done.get("run") != run_key:
@@ -122,7 +124,7 @@ def main(name: str, overlays: str, workdir: str = "/tmp/runs", out: str = "resul
         # is still reported from its log with the right config, commit and card (report_acdc._from_training_log)
         with open(log, "a") as f:
             f.write(RUN_LINE + json.dumps({"name": name, "overlays": overlays_list, "overrides": overrides,
-                                           "git_commit": source_commit(), "gpu": _gpu_name()}, default=str) + "\n")
+                                           "git_commit": commit, "gpu": gpu}, default=str) + "\n")
         train_start = time.time()
         train_s = _bundle("training", ["bundle/configs/train.json", *overlays_list], common, log)
         train_end = time.time()
@@ -149,8 +151,8 @@ def main(name: str, overlays: str, workdir: str = "/tmp/runs", out: str = "resul
         "eval_overrides": eval_overrides or {},
         "command": f"python -m monai.bundle run training --config_file \"{['bundle/configs/train.json', *overlays_list]}\" "
                    + " ".join(common),
-        "git_commit": source_commit(),
-        "gpu": _gpu_name(),  # as the log's first line names it (nvidia-smi), without a CUDA context here
+        "git_commit": commit,
+        "gpu": gpu,  # nvidia-smi's name, as in the log's first line, without a CUDA context here
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "torch": torch.__version__,
         "train_wall_minutes_incl_caching": round(train_s / 60, 2),
