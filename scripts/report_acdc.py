@@ -851,14 +851,19 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         chosen = {n: saved_preds[n] for n in _names(option) if n in saved_preds}
         if chosen:
             print(table(chosen, NAMES))
+
     def result(name: str) -> dict:  # this report's row, else an earlier session's JSON in the docs, else {}
         return results.get(name) or _docs_result(out_dir, name)
 
+    def stop(option: str, error: ValueError) -> SystemExit:  # a named run lacks what the option reads: say where
+        return SystemExit(f"{option}: {error} (runs read from {runs_dir} and {out_dir / 'results'})")
+
     for name in _names(late):
         history = result(name).get("val_history", [])
-        if not history:
-            raise SystemExit(f"--late: no validations of {name} in {runs_dir} or {out_dir / 'results'}")
-        late_mean, n = late_validation_mean(history)
+        try:
+            late_mean, n = late_validation_mean(history)
+        except ValueError as e:
+            raise stop(f"--late {name}", e) from None
         print(f"{name}: validation mean Dice best {100 * max(row['val_mean_dice'] for row in history):.2f}, "
               f"last {100 * history[-1]['val_mean_dice']:.2f}, mean over the last quarter of training "
               f"{100 * late_mean:.2f} ({n} validations)")
@@ -879,10 +884,10 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     for pair in _names(versus):
         a, b = pair.split(":")
         rows = [result(n).get("per_case", []) for n in (a, b)]
-        for n, per_case in zip((a, b), rows):
-            if not per_case:  # an unknown run, or one whose JSON predates per-volume rows (before session 13)
-                raise SystemExit(f"--versus {pair}: no per-volume results of {n} in {runs_dir} or {out_dir / 'results'}")
-        comparisons.append(per_volume_comparison(*rows, names=(a, b)))
+        try:  # an unknown run, or one whose JSON predates per-volume rows (before session 13), stops the report
+            comparisons.append(per_volume_comparison(*rows, names=(a, b)))
+        except ValueError as e:
+            raise stop(f"--versus {pair}", e) from None
         print(f"{a} against {b}, volume by volume:")
         for c, (d, better, n) in comparisons[-1].items():
             print(f"  {c}: {d:+.2f} Dice points, better on {better} of {n} volumes")
