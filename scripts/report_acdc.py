@@ -238,7 +238,8 @@ def _from_training_log(name: str, log: str, gpu: str = "", commit: str = "") -> 
     A log in which the trainer neither reached its time budget nor finished its run (an epoch-bound run ends
     with ignite's "Engine run finished") is a training cut off midway (the device machine went back): the note
     says so, and ``cut_after_epoch`` / ``cut_at_minutes`` (since the trainer started) say where, as its best
-    validation is then a lower bound of the finished run's, not its result."""
+    validation is then a lower bound of that run's own finish, not its result (a rerun of the same seed is
+    another run: it may finish lower)."""
     best = re.findall(r"Key metric: val_mean_dice best value: ([0-9.]+) at epoch: (\d+)", log)
     stop = re.search(r"time budget of ([0-9.]+) min reached after epoch (\d+) \(([0-9.]+) min elapsed\)", log)
     facts = re.search(r"^# run_experiment: (\{.*\})$", log, re.M)
@@ -258,8 +259,8 @@ def _from_training_log(name: str, log: str, gpu: str = "", commit: str = "") -> 
         note = ("training was cut off before its time budget ended" + (
             f" (the log ends after epoch {cut['cut_after_epoch']}, {cut['cut_at_minutes']} min after the trainer "
             "started)" if cut else "") + "; mean DSC is the best validation mean Dice logged up to then (same "
-            "protocol and volumes as the evaluation), a lower bound of the finished run's, without per-class "
-            f"values or HD95 ({len(curve)} validation{'s' * (len(curve) != 1)})")
+            "protocol and volumes as the evaluation), a lower bound of that run's own finish (not of a rerun of "
+            f"the seed, which may finish lower), without per-class values or HD95 ({len(curve)} validation{'s' * (len(curve) != 1)})")
     return {
         "name": name,
         "note": note,

@@ -535,7 +535,7 @@ def test_report_says_a_row_cut_off_in_training_is_a_lower_bound(tmp_path, capsys
     c, d = (json.loads((out / "results" / f"{n}.json").read_text()) for n in "cd")
     assert (c["cut_after_epoch"], c["cut_at_minutes"], c["train_wall_minutes_incl_caching"]) == (6, 17.01, None)
     assert c["note"].startswith("training was cut off before its time budget ended (the log ends after epoch 6, "
-                                "17.01 min after the trainer started)") and "lower bound" in c["note"]
+                                "17.01 min after the trainer started)") and "lower bound of that run's own finish" in c["note"]
     assert "(1 validation)" in c["note"] and "did not finish" not in c["note"]
     assert "cut_after_epoch" not in d and d["note"].startswith("the evaluation did not finish")
 
