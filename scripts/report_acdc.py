@@ -261,7 +261,8 @@ def _from_training_log(name: str, log: str, gpu: str = "", commit: str = "") -> 
             f" (the log ends after epoch {cut['cut_after_epoch']}, {cut['cut_at_minutes']} min after the trainer "
             "started)" if cut else "") + "; mean DSC is the best validation mean Dice logged up to then (same "
             "protocol and volumes as the evaluation), a lower bound of that run's own finish (not of a rerun of "
-            f"the seed, which may finish lower), without per-class values or HD95 ({len(curve)} validation{'s' * (len(curve) != 1)})")
+            "the seed, which may finish lower), without per-class values or HD95 "
+            f"({len(curve)} validation{'s' * (len(curve) != 1)})")
     return {
         "name": name,
         "note": note,
@@ -569,13 +570,28 @@ def late_validation_mean(history: list[dict], fraction: float = 0.25) -> tuple[f
     return float(np.mean(late)), len(late)
 
 
-def run_mean(rows: list[dict]) -> dict[str, tuple[float, list[float]]]:
+def best_validation_by(history: list[dict], minutes: float) -> float:
+    """The best validation mean Dice a run had logged ``minutes`` after its trainer started: where runs stood at
+    one time, the one measure a run cut short shares with finished runs of its budget. It is not the score of a
+    run given that many minutes: the learning rate follows a cosine over the whole budget.
+
+    Raises:
+        ValueError: the run logged no validation by then.
+    """
+    by = [row["val_mean_dice"] for row in history if row["time_s"] <= 60 * minutes]
+    if not by:
+        raise ValueError(f"no validation by {minutes:g} min")
+    return float(max(by))
+
+
+def run_mean(rows: list[dict], by_minutes: float = 0.0) -> dict[str, tuple[float, list[float]]]:
     """The mean over several runs (the seeds of one recipe) of what the tables give for each: mean Dice, each
     class's Dice and the mean HD95 from the evaluation, the last validation (the final weights' score) and the
     mean over the last quarter of training (``late_validation_mean``); each with the runs' own values, Dice in
     percent, HD95 in voxels. A measure some run lacks is left out rather than averaged over fewer runs: a row cut
     before its budget ended (``cut_at_minutes``) has no per-class values or HD95, and its last validations are
-    not those of the finished run.
+    not those of the finished run. With ``by_minutes``, also the best validation by then
+    (``best_validation_by``), which a cut row has if it was cut no earlier.
 
     Raises:
         ValueError: no runs.
@@ -592,6 +608,9 @@ def run_mean(rows: list[dict]) -> dict[str, tuple[float, list[float]]]:
         if r.get("val_history") and "cut_at_minutes" not in r:
             values["last validation"] = 100 * float(r["val_history"][-1]["val_mean_dice"])
             values["last-quarter mean"] = 100 * late_validation_mean(r["val_history"])[0]
+        early = [row for row in r.get("val_history", []) if row["time_s"] <= 60 * by_minutes]
+        if by_minutes and early and r.get("cut_at_minutes", by_minutes) >= by_minutes:
+            values[f"best by {by_minutes:g} min"] = 100 * best_validation_by(early, by_minutes)
         each.append(values)
     shared = [k for k in each[0] if all(k in v for v in each)]
     return {k: (float(np.mean([v[k] for v in each])), [v[k] for v in each]) for k in shared}
@@ -729,7 +748,7 @@ def _docs_result(out_dir: Path, name: str) -> dict:
 def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CURVE_RUNS,
          figure: str = FIGURE_RUNS, cases: str | None = None, tag: str = "", confusion: str = "",
          versus: str = "", border: str = "", positions: str = "", missed: str = "", late: str = "",
-         mean: str = "", log_gpu: str = "", log_commit: str = "") -> None:
+         mean: str = "", by_minutes: float = 0.0, log_gpu: str = "", log_commit: str = "") -> None:
     """Args:
         runs: folder of run_experiment outputs (``<name>_log.txt``, ``_results.json``, ``_val_preds.npz``).
         out: the bundle's docs folder.
@@ -752,6 +771,8 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
             (``late_validation_mean``: a score free of the best-checkpoint pick).
         mean: groups of runs separated by ``;``, each comma-separated (the seeds of one recipe), whose means are
             printed (``run_mean``: Dice per class, HD95, last validation, last-quarter mean, with each run's value).
+        by_minutes: with ``late`` and ``mean``, also the best validation logged by this many minutes after the
+            trainer started (``best_validation_by``: runs cut short beside finished ones, at a common time).
         log_gpu, log_commit: the card and commit of runs reported from their training log alone (no results
             JSON) whose log predates run_experiment's ``# run_experiment:`` line, which records both.
 
@@ -864,18 +885,21 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         history = result(name).get("val_history", [])
         try:
             late_mean, n = late_validation_mean(history)
+            best_by = best_validation_by(history, by_minutes) if by_minutes else None
         except ValueError as e:
             raise stop(f"--late {name}", e) from None
+        by = "" if best_by is None else f", best by {by_minutes:g} min {100 * best_by:.2f}"
+        cut = result(name).get("cut_at_minutes")  # its last quarter is of the training it had, not of its budget
         print(f"{name}: validation mean Dice best {100 * max(row['val_mean_dice'] for row in history):.2f}, "
               f"last {100 * history[-1]['val_mean_dice']:.2f}, mean over the last quarter of training "
-              f"{100 * late_mean:.2f} ({n} validations)")
+              f"{100 * late_mean:.2f} ({n} validation{'s' * (n != 1)}{f'; cut at {cut} min' if cut else ''}){by}")
     # fire turns a single group "a,b" into a tuple, and leaves "a,b;c" a string
     for names in ([list(mean)] if isinstance(mean, (list, tuple)) else [_names(g) for g in str(mean).split(";") if g]):
         group = {n: result(n) for n in names}
         unknown = [n for n, r in group.items() if not r]
         if unknown:
             raise SystemExit(f"--mean: no results of {', '.join(unknown)} in {runs_dir} or {out_dir / 'results'}")
-        averaged = run_mean(list(group.values()))
+        averaged = run_mean(list(group.values()), by_minutes)
         cut = [n for n, r in group.items() if "cut_at_minutes" in r]
         print(f"mean of {', '.join(names)} ({len(names)} run{'s' if len(names) > 1 else ''}"
               + (f"; cut before the end of the budget, their best validation by then a lower bound: {', '.join(cut)}"

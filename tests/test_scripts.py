@@ -257,6 +257,10 @@ def test_report_averages_the_validations_of_the_last_quarter():
     assert report.late_validation_mean(history, fraction=1.0) == (pytest.approx(np.mean([r["val_mean_dice"] for r in history])), 10)
     with pytest.raises(ValueError, match="no validations"):
         report.late_validation_mean([])
+    # where the run stood at 14 and 13 minutes: the best by then, not the last; nothing logged by 1 minute
+    assert report.best_validation_by(history, 14) == 0.95 and report.best_validation_by(history, 13.9) == 0.92
+    with pytest.raises(ValueError, match="no validation by 1 min"):
+        report.best_validation_by(history, 1)
 
 
 def test_report_averages_the_seeds_of_a_recipe():
@@ -280,6 +284,11 @@ def test_report_averages_the_seeds_of_a_recipe():
     cut = run({"mean": 0.92}, hd95="", cut_at_minutes=17.0)
     m = report.run_mean([a, b, cut])
     assert list(m) == ["mean"] and m["mean"][0] == pytest.approx((90.67 + 90.33 + 92.0) / 3)
+    # where the runs stood at 3 minutes (validations at 1, 3 and 4 min): a cut row has it if cut no earlier
+    m = report.run_mean([a, b, cut], by_minutes=3)
+    assert list(m) == ["mean", "best by 3 min"] and m["best by 3 min"][1] == pytest.approx([92.0, 92.0, 92.0])
+    assert "best by 3 min" not in report.run_mean([a, run({"mean": 0.92}, cut_at_minutes=2.0)], by_minutes=3)
+    assert report.run_mean([a, b], by_minutes=0.5).keys() == {*report.run_mean([a, b])}  # no validation by then
     with pytest.raises(ValueError, match="no runs"):
         report.run_mean([])
 
@@ -462,10 +471,13 @@ def test_report_writes_the_docs_json_table_curve_and_figure_from_a_runs_folder(t
     # option's place); one group alone comes from fire as a tuple
     (out / "acdc_val_curve.png").write_bytes(b"the time target's curve")
     capsys.readouterr()
-    report.main(runs=str(runs), out=str(out), curve="", figure="", late="a", mean="a,b;c,old")
+    report.main(runs=str(runs), out=str(out), curve="", figure="", late="a", mean="a,b;c,old", by_minutes=1)
     assert (out / "acdc_val_curve.png").read_bytes() == b"the time target's curve"
     printed = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("a: validation mean Dice best ") and line.endswith(", best by 1 min 50.00")
+               for line in printed)
     assert "mean of a, b (2 runs):" in printed and "  mean: 85.62 (91.23, 80.00)" in printed
+    assert "  best by 1 min: 55.00 (50.00, 60.00)" in printed
     assert "mean of c, old (2 runs):" in printed and "  mean: 87.50 (90.00, 85.00)" in printed
     report.main(runs=str(runs), out=str(out), curve="", figure="", mean=("a", "b"))
     assert "mean of a, b (2 runs):" in capsys.readouterr().out.splitlines()
@@ -535,9 +547,14 @@ def test_report_says_a_row_cut_off_in_training_is_a_lower_bound(tmp_path, capsys
     c, d = (json.loads((out / "results" / f"{n}.json").read_text()) for n in "cd")
     assert (c["cut_after_epoch"], c["cut_at_minutes"], c["train_wall_minutes_incl_caching"]) == (6, 17.01, None)
     assert c["note"].startswith("training was cut off before its time budget ended (the log ends after epoch 6, "
-                                "17.01 min after the trainer started)") and "lower bound of that run's own finish" in c["note"]
+                                "17.01 min after the trainer started)")
+    assert "lower bound of that run's own finish" in c["note"]
     assert "(1 validation)" in c["note"] and "did not finish" not in c["note"]
     assert "cut_after_epoch" not in d and d["note"].startswith("the evaluation did not finish")
+    # --late says which rows were cut: their last quarter is of the training they had, not of their budget
+    report.main(runs=str(runs), out=str(out), curve="", figure="", late="c,d", log_gpu="NVIDIA H200")
+    printed = capsys.readouterr().out
+    assert "(1 validation; cut at 17.01 min)" in printed and "(1 validation)" in printed
 
 
 class _Npz(dict):
