@@ -14,8 +14,8 @@ a handful of sums per combination, batch item and class:
 where ``z`` is the combination's mixed logits, ``sum_m weight[s, m] * map_m``. This module computes
 them in one pass over the maps: each program reads 1,024 pixels of every map once (in autotuned
 sub-tiles), mixes, takes the softmax of each combination in registers and writes its partial sums once;
-they are then summed in a fixed order (deterministic, no atomics). The Dice and CE formulas on these small tensors stay in
-PyTorch, so their options (smoothing, batch Dice, background) are plain tensor code.
+they are then summed in a fixed order (deterministic, no atomics). The Dice and CE formulas on these small
+tensors stay in PyTorch, so their options (smoothing, batch Dice, background) are plain tensor code.
 
 The backward kernel recomputes the softmax of every combination from the maps and writes each map's
 gradient directly: for combination s, ``dz = p * (g - sum(p * g)) + dce * (p - onehot)`` with

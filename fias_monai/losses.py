@@ -43,7 +43,8 @@ def label_border(target: torch.Tensor, width: int = 1) -> torch.Tensor:
     if width < 1:
         raise ValueError(f"label_border: width must be >= 1, got {width}.")
     if target.ndim not in (3, 4, 5) or target.shape[1] != 1:
-        raise ValueError(f"label_border needs (B, 1, *spatial) labels with 1-3 spatial dims, got {tuple(target.shape)}.")
+        raise ValueError(
+            f"label_border needs (B, 1, *spatial) labels with 1-3 spatial dims, got {tuple(target.shape)}.")
     pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[target.ndim - 3]
     labels = target.float()
     # max-pooling pads with -inf, so voxels outside the image never count as another label

@@ -180,7 +180,8 @@ def slice_sampler(dataset: SliceDataset, end_slice_weight: float = 1.0, distribu
     if distributed:
         if end_slice_weight == 1:
             return DistributedSampler(dataset, **distributed_kwargs)
-        return DistributedWeightedRandomSampler(dataset, dataset.sampling_weights(end_slice_weight), **distributed_kwargs)
+        weights = dataset.sampling_weights(end_slice_weight)
+        return DistributedWeightedRandomSampler(dataset, weights, **distributed_kwargs)
     if distributed_kwargs:
         raise TypeError(f"slice_sampler: {sorted(distributed_kwargs)} apply only with distributed=True")
     if end_slice_weight == 1:

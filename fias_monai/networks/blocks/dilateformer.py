@@ -291,8 +291,9 @@ class DilateFormer(nn.Module):
         self.stages = nn.ModuleList()
         for i, depth in enumerate(depths):
             out_dim = embed_dims[i + 1] if i + 1 < len(depths) else None
+            stage_dpr = dpr[sum(depths[:i]):sum(depths[:i + 1])]  # this stage's share of the drop-path ramp
             self.stages.append(DilateFormerStage(
-                embed_dims[i], out_dim, depth, num_heads[i], dilated_stages[i], dpr[sum(depths[:i]):sum(depths[:i + 1])],
+                embed_dims[i], out_dim, depth, num_heads[i], dilated_stages[i], stage_dpr,
                 dilations=dilations, kernel_size=kernel_size, mlp_ratio=mlp_ratio, attention_impl=attention_impl,
             ))
         self.apply(self._init_weights)
