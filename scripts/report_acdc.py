@@ -14,6 +14,7 @@ the training log's timestamps (trainer start to each "val_mean_dice" line).
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import re
 import textwrap
@@ -608,9 +609,9 @@ def run_mean(rows: list[dict], by_minutes: float = 0.0) -> dict[str, tuple[float
         if r.get("val_history") and "cut_at_minutes" not in r:
             values["last validation"] = 100 * float(r["val_history"][-1]["val_mean_dice"])
             values["last-quarter mean"] = 100 * late_validation_mean(r["val_history"])[0]
-        early = [row for row in r.get("val_history", []) if row["time_s"] <= 60 * by_minutes]
-        if by_minutes and early and r.get("cut_at_minutes", by_minutes) >= by_minutes:
-            values[f"best by {by_minutes:g} min"] = 100 * best_validation_by(early, by_minutes)
+        if by_minutes and r.get("cut_at_minutes", by_minutes) >= by_minutes:
+            with contextlib.suppress(ValueError):  # no validation by then: a measure this run lacks
+                values[f"best by {by_minutes:g} min"] = 100 * best_validation_by(r.get("val_history", []), by_minutes)
         each.append(values)
     shared = [k for k in each[0] if all(k in v for v in each)]
     return {k: (float(np.mean([v[k] for v in each])), [v[k] for v in each]) for k in shared}
@@ -822,11 +823,6 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
               f"{'%.1f min' % (first90 / 60) if first90 is not None else 'never'}; "
               f"GPU utilisation {r.get('gpu_util_mean_during_training')} %")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     earlier = {n: r for n in _names(curve) if n not in results for r in [_docs_result(out_dir, n)] if r}
     drawn = [n for n in _names(curve) if n in results or n in earlier]
     results = {**earlier, **results}
@@ -845,6 +841,11 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
                    if (runs_dir / f"{n}_val_preds.npz").exists()}
     order = [n for n in _names(figure) if n in saved_preds]
     if order:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
         from fias_monai.visualize import compare_panel
 
         ref = saved_preds[order[0]]
@@ -882,14 +883,15 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         return SystemExit(f"{option}: {error} (runs read from {runs_dir} and {out_dir / 'results'})")
 
     for name in _names(late):
-        history = result(name).get("val_history", [])
+        r = result(name)
+        history = r.get("val_history", [])
         try:
             late_mean, n = late_validation_mean(history)
             best_by = best_validation_by(history, by_minutes) if by_minutes else None
         except ValueError as e:
             raise stop(f"--late {name}", e) from None
         by = "" if best_by is None else f", best by {by_minutes:g} min {100 * best_by:.2f}"
-        cut = result(name).get("cut_at_minutes")  # its last quarter is of the training it had, not of its budget
+        cut = r.get("cut_at_minutes")  # its last quarter is of the training it had, not of its budget
         print(f"{name}: validation mean Dice best {100 * max(row['val_mean_dice'] for row in history):.2f}, "
               f"last {100 * history[-1]['val_mean_dice']:.2f}, mean over the last quarter of training "
               f"{100 * late_mean:.2f} ({n} validation{'s' * (n != 1)}{f'; cut at {cut} min' if cut else ''}){by}")
