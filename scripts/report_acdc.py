@@ -832,6 +832,9 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
     elif _names(curve):
         print(f"--curve: no results of {', '.join(_names(curve))}; no curve drawn")
 
+    def result(name: str) -> dict:  # this report's row, else an earlier session's JSON in the docs, else {}
+        return results.get(name) or _docs_result(out_dir, name)
+
     # the tables of saved predictions, in the order they are printed, each with the option naming its runs
     tables = ((confusion, confusion_table), (border, border_table), (positions, slice_position_table),
               (missed, missed_slice_table))
@@ -866,7 +869,7 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
             panels.append(compare_panel(image, label, {NAMES.get(n, n): saved_preds[n][f"{case}__pred"] for n in order},
                                         out_dir / f".panel_{len(panels)}.png", slices=[z]))
         _titled_figure([plt.imread(p) for p in panels], ["image", "ground truth", *(NAMES.get(n, n) for n in order)],
-                       cases, zs, {n: results.get(n, {}).get("per_case", []) for n in order},
+                       cases, zs, {n: result(n).get("per_case", []) for n in order},
                        out_dir / f"acdc_qualitative{tag}.png")
         for p in panels:
             Path(p).unlink()
@@ -875,9 +878,6 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
         chosen = {n: saved_preds[n] for n in _names(option) if n in saved_preds}
         if chosen:
             print(table(chosen, NAMES))
-
-    def result(name: str) -> dict:  # this report's row, else an earlier session's JSON in the docs, else {}
-        return results.get(name) or _docs_result(out_dir, name)
 
     def stop(option: str, error: ValueError) -> SystemExit:  # a named run lacks what the option reads: say where
         return SystemExit(f"{option}: {error} (runs read from {runs_dir} and {out_dir / 'results'})")

@@ -662,7 +662,7 @@ def test_pack_acdc_h5_on_real_acdc_volumes(tmp_path):
         np.testing.assert_array_equal(got_label, label)
 
 
-def test_report_figure_rows_at_chosen_slices(tmp_path, capsys):
+def test_report_figure_rows_at_chosen_slices(tmp_path, capsys, monkeypatch):
     """``--cases case:z`` shows slice z (one case may be two rows); a slice or case the run did not save is named."""
     import matplotlib.pyplot as plt
 
@@ -683,5 +683,13 @@ def test_report_figure_rows_at_chosen_slices(tmp_path, capsys):
     assert not list(out.glob(".panel*"))  # the panels removed
     with pytest.raises(SystemExit, match="p1_frame01 has slices 0 to 3"):
         report.main(runs=str(runs), out=str(out), curve="", figure="a", cases="p1_frame01:4")
+    # a column whose evaluation is an earlier session's docs JSON (not drawn in --curve) still gets its 3D Dice
+    (out / "results").mkdir(exist_ok=True)
+    (out / "results" / "a.json").write_text(json.dumps(_report_row("a", 0.75, [(20, 0.75)], ["p1_frame01"])))
+    given = {}
+    monkeypatch.setattr(report, "_titled_figure", lambda *args: given.update(per_case=args[4]))
+    report.main(runs=str(runs), out=str(out), curve="", figure="a", cases="p1_frame01")
+    assert [(d["case"], d["class_name"], d["dice"]) for d in given["per_case"]["a"]] == [
+        ("p1_frame01", "RV", "0.75"), ("p1_frame01", "MYO", "0.75"), ("p1_frame01", "LV", "0.75")]
     with pytest.raises(SystemExit, match="p9_frame01 is not among a's saved volumes"):
         report.main(runs=str(runs), out=str(out), curve="", figure="a", cases="p9_frame01")
