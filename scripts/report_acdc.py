@@ -94,6 +94,7 @@ NAMES = {
     "fias_m20_fr_clip_es2_h0sel_s2_cut29": "FIAS-tiny, acdc_12min.json with 20 minutes, seed 2 (session 29)",
     "fias_m20_fr_clip_es2_h0sel_s2_tta": "FIAS-tiny, acdc_12min.json with 20 minutes, seed 2, test-time flips",
     "swinunetr_m20_s2": "MONAI SwinUNETR-2D, 20-minute budget, seed 2",
+    "swinunetr_m20_s2_cut29": "MONAI SwinUNETR-2D, 20-minute budget, seed 2 (session 29)",
     "swinunetr_m20_s2_cut35": "MONAI SwinUNETR-2D, 20-minute budget, seed 2 (session 35)",
     "swinunetr_m20_s2_tta": "MONAI SwinUNETR-2D, 20 minutes, seed 2, test-time flips",
     "swinunetr_m12_s2": "MONAI SwinUNETR-2D, 12-minute budget, seed 2",
