@@ -824,17 +824,19 @@ def main(runs: str = ".data/gpu_runs", out: str = "bundle/docs", curve: str = CU
               f"{'%.1f min' % (first90 / 60) if first90 is not None else 'never'}; "
               f"GPU utilisation {r.get('gpu_util_mean_during_training')} %")
 
-    earlier = {n: r for n in _names(curve) if n not in results for r in [_docs_result(out_dir, n)] if r}
-    drawn = [n for n in _names(curve) if n in results or n in earlier]
-    results = {**earlier, **results}
+    def result(name: str) -> dict:
+        """This report's row, else an earlier session's JSON in the docs, else {}; each JSON read once, however
+        many options name the run."""
+        if name not in results:
+            results[name] = _docs_result(out_dir, name)
+        return results[name]
+
+    drawn = [n for n in _names(curve) if result(n)]
     # an empty --curve draws nothing, so the docs' curve of that name is left as it is
     if drawn:
-        plot_validation_curve({n: results[n] for n in drawn}, out_dir / f"acdc_val_curve{tag}.png")
+        plot_validation_curve({n: result(n) for n in drawn}, out_dir / f"acdc_val_curve{tag}.png")
     elif _names(curve):
         print(f"--curve: no results of {', '.join(_names(curve))}; no curve drawn")
-
-    def result(name: str) -> dict:  # this report's row, else an earlier session's JSON in the docs, else {}
-        return results.get(name) or _docs_result(out_dir, name)
 
     # the tables of saved predictions, in the order they are printed, each with the option naming its runs
     tables = ((confusion, confusion_table), (border, border_table), (positions, slice_position_table),
